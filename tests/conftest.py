@@ -1,0 +1,61 @@
+"""Tiny models built from configs in code (no hub), shared by every test module."""
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
+
+VOCAB = 128
+
+
+def tiny_llama(seed: int = 0, **overrides) -> torch.nn.Module:
+    """Llama: no biases, grouped-query attention (4 query heads, 2 kv heads)."""
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               tie_word_embeddings=False)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(LlamaConfig(**cfg)).eval()
+
+
+def tiny_qwen2(seed: int = 0, **overrides) -> torch.nn.Module:
+    """Qwen2: q/k/v projections carry biases; tied embeddings."""
+    cfg = dict(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+               num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+               tie_word_embeddings=True)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(Qwen2Config(**cfg)).eval()
+    with torch.no_grad():  # random (non-zero) biases so that bias handling is actually tested
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+def tiny_gpt2(seed: int = 0, **overrides) -> torch.nn.Module:
+    """GPT-2: fused qkv `Conv1D` layers (weight stored as d_in x d_out), biases everywhere."""
+    cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256,
+               bos_token_id=0, eos_token_id=0)
+    cfg.update(overrides)
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(GPT2Config(**cfg)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("bias"):
+                p.normal_(0.0, 0.1)
+    return model
+
+
+FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
+
+
+@pytest.fixture(params=sorted(FACTORIES))
+def arch(request) -> str:
+    return request.param
+
+
+@pytest.fixture
+def input_ids() -> torch.Tensor:
+    g = torch.Generator().manual_seed(123)
+    return torch.randint(0, VOCAB, (2, 12), generator=g)
