@@ -1,0 +1,172 @@
+"""The shared adapter wrapper: a base layer (wrapped, never copied) plus a low-rank update.
+
+Notation (DESIGN.md): W is d_out x d_in, A is r x d_in, B is d_out x r, s the scale,
+W' = W + s·B A. Every method is described by two things:
+
+- `row_scale()` -> c, a per-output-row scale (None for plain LoRA), and
+- `scale_bias`, whether c also multiplies the bias.
+
+so that one merge rule serves all of them: W_merged = diag(c)·W', b_merged = c ⊙ b (if
+`scale_bias`) else b. On a `FactorizedLinear` base (W = up·down) the merge is exact by
+concatenation: up' = diag(c)·[up | s·B], down' = [down ; A] (rank grows from k to k + r).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..compress.factorized import FactorizedLinear
+from ..config import HyLoRADAConfig
+from ..layers import dense_weight, in_out_features, set_dense_weight
+
+
+def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
+    """Adapters of half-precision bases are kept in fp32 (as peft does); autocast handles compute."""
+    return torch.float32 if base_dtype in (torch.float16, torch.bfloat16) else base_dtype
+
+
+def init_lora_A(A: torch.Tensor, init: str, rank: int) -> None:
+    """kaiming: uniform(a=sqrt 5) as nn.Linear/peft; orthogonal: orthonormal rows; gaussian: N(0, 1/r)."""
+    with torch.no_grad():
+        if init == "kaiming":
+            nn.init.kaiming_uniform_(A, a=math.sqrt(5))
+        elif init == "orthogonal":
+            q = torch.empty(A.shape, dtype=torch.float32, device=A.device)
+            nn.init.orthogonal_(q)
+            A.copy_(q)
+        elif init == "gaussian":
+            nn.init.normal_(A, std=1.0 / rank)
+        else:  # guarded by HyLoRADAConfig
+            raise ValueError(f"init_lora_weights={init!r}: allowed 'kaiming', 'orthogonal', 'gaussian'")
+
+
+class AdapterLayer(nn.Module):
+    """Base layer + low-rank update. Subclasses define the forward and `row_scale`."""
+
+    method = "base"
+    scale_bias = False
+
+    def __init__(self, base_layer: nn.Module, config: HyLoRADAConfig, name: str = "") -> None:
+        super().__init__()
+        d_in, d_out = in_out_features(base_layer)
+        r = config.lora_rank
+        if r > min(d_in, d_out):
+            raise ValueError(
+                f"HyLoRADAConfig.lora_rank={r} is invalid for layer '{name}' ({d_out} x {d_in}): "
+                f"allowed 1..{min(d_in, d_out)} (min(d_in, d_out))")
+        if config.init_lora_weights == "orthogonal" and r > d_in:
+            raise ValueError(
+                f"HyLoRADAConfig.init_lora_weights='orthogonal' needs lora_rank <= d_in, but layer "
+                f"'{name}' has d_in={d_in} < lora_rank={r}; allowed: lora_rank <= {d_in} or "
+                f"init_lora_weights in ['kaiming', 'gaussian']")
+        ref = next(base_layer.parameters())
+        dtype, device = adapter_dtype(ref.dtype), ref.device
+        self.base_layer = base_layer
+        self.name = name
+        self.in_features, self.out_features, self.rank = d_in, d_out, r
+        self.scaling = config.scaling
+        self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=device))
+        self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=dtype, device=device))
+        init_lora_A(self.lora_A, config.init_lora_weights, r)
+        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.merged = False
+        self._merged_scale: torch.Tensor | None = None
+        self._merged_rank: int | None = None
+
+    # ---- the math every method shares -------------------------------------------------
+    def delta_weight(self) -> torch.Tensor:
+        """ΔW = s·B A (d_out x d_in)."""
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def lora_out(self, x: torch.Tensor) -> torch.Tensor:
+        """s·B A x for already-dropped-out x, computed in the adapter's dtype."""
+        h = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+        return h * self.scaling
+
+    def row_scale(self) -> torch.Tensor | None:
+        """c (d_out) such that the layer is c ⊙ (W' x) (+ b); None means c = 1."""
+        return None
+
+    def extra_state_names(self) -> tuple[str, ...]:
+        """Names of this layer's trainable or saved tensors besides lora_A/lora_B."""
+        return ()
+
+    # ---- merge / unmerge --------------------------------------------------------------
+    @torch.no_grad()
+    def merge(self) -> None:
+        """W <- diag(c)·(W + s·B A) (and b <- c ⊙ b when `scale_bias`)."""
+        if self.merged:
+            return
+        c = self.row_scale()
+        c = None if c is None else c.detach().clone()
+        base = self.base_layer
+        if isinstance(base, FactorizedLinear):
+            self._merge_factorized(base, c)
+        else:
+            w = dense_weight(base)
+            new = w.float() + self.delta_weight().float()
+            if c is not None:
+                new = c.float()[:, None] * new
+            set_dense_weight(base, new.to(w.dtype))
+        if c is not None and self.scale_bias and base.bias is not None:
+            base.bias.mul_(c.to(base.bias.dtype))
+        self._merged_scale = c
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self) -> None:
+        """Inverse of `merge`: W <- W_merged / c - s·B A."""
+        if not self.merged:
+            return
+        c = self._merged_scale
+        base = self.base_layer
+        if c is not None and self.scale_bias and base.bias is not None:
+            base.bias.div_(c.to(base.bias.dtype))
+        if isinstance(base, FactorizedLinear):
+            k = self._merged_rank
+            up = base.up.weight[:, :k]
+            if c is not None:
+                up = up / c.to(up.dtype)[:, None]
+            _set_factors(base, up, base.down.weight[:k])
+        else:
+            w = dense_weight(base)
+            old = w.float()
+            if c is not None:
+                old = old / c.float()[:, None]
+            set_dense_weight(base, (old - self.delta_weight().float()).to(w.dtype))
+        self._merged_scale = None
+        self.merged = False
+        self._after_unmerge()
+
+    def _merge_factorized(self, base: FactorizedLinear, c: torch.Tensor | None) -> None:
+        self._merged_rank = base.rank
+        B = (self.scaling * self.lora_B).to(base.up.weight.dtype)
+        up = torch.cat([base.up.weight, B], dim=1)
+        if c is not None:
+            up = c.to(up.dtype)[:, None] * up
+        down = torch.cat([base.down.weight, self.lora_A.to(base.down.weight.dtype)], dim=0)
+        _set_factors(base, up, down)
+
+    def _after_unmerge(self) -> None:
+        """Hook for subclasses that cache something derived from W."""
+
+    def extra_repr(self) -> str:
+        return f"method={self.method}, r={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _set_factors(layer: FactorizedLinear, up: torch.Tensor, down: torch.Tensor) -> None:
+    """Replace the factors of a FactorizedLinear (the rank may change); the bias is kept."""
+    k = up.shape[1]
+    bias = layer.up.bias
+    new_up = nn.Linear(k, up.shape[0], bias=bias is not None, device=up.device, dtype=up.dtype)
+    new_down = nn.Linear(down.shape[1], k, bias=False, device=down.device, dtype=down.dtype)
+    new_up.weight.data.copy_(up)
+    new_down.weight.data.copy_(down)
+    if bias is not None:
+        new_up.bias = bias
+    for p in (new_up.weight, new_down.weight):
+        p.requires_grad_(layer.up.weight.requires_grad)
+    layer.up, layer.down = new_up, new_down

@@ -1,0 +1,88 @@
+"""DoRA (Liu et al. 2024): y = (m / ||W'||_row) ⊙ (W' x) + b, W' = W + s·B A, m0 = ||W||_row.
+
+The row norm is treated as a constant in backward (DoRA paper §4.3) and is computed without
+building W' (DESIGN.md):
+
+    ||W'||²_row = ||W||²_row + 2s·rowsum((W Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B)
+
+with ||W||²_row cached. With dropout d, as in peft:
+y = W x + b + (c - 1) ⊙ W d(x) + c ⊙ s·B A d(x), c = m / ||W'||_row, which is c ⊙ (W' x) + b
+when d is the identity (eval, or dropout 0).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..config import HyLoRADAConfig
+from ..layers import dense_weight, forward_no_bias
+from .base import AdapterLayer
+
+
+def row_norm_sq(weight: torch.Tensor) -> torch.Tensor:
+    """||W||²_row in fp32 (fp64 accumulate)."""
+    return weight.detach().double().pow(2).sum(dim=1).float()
+
+
+@torch.no_grad()
+def factored_weight_norm(base_layer: nn.Module, weight_norm_sq: torch.Tensor, A: torch.Tensor,
+                         B: torch.Tensor, scaling: float, eps: float) -> torch.Tensor:
+    """||W + s·B A||_row from ||W||²_row, W Aᵀ and A Aᵀ; never builds the d_out x d_in matrix."""
+    with torch.autocast(device_type=A.device.type, enabled=False):
+        wdt = next(base_layer.parameters()).dtype
+        WAt = forward_no_bias(base_layer, A.to(wdt)).float().t()  # (A Wᵀ)ᵀ = W Aᵀ, d_out x r
+        A32, B32 = A.float(), B.float()
+        AAt = A32 @ A32.t()
+        n2 = (weight_norm_sq + 2.0 * scaling * (WAt * B32).sum(dim=1)
+              + scaling * scaling * ((B32 @ AAt) * B32).sum(dim=1))
+        return n2.clamp_min(eps * eps).sqrt()
+
+
+def direct_weight_norm(base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor,
+                       scaling: float) -> torch.Tensor:
+    """Reference: ||W + s·B A||_row by building W' (fp64). Used by tests and export only."""
+    with torch.no_grad():
+        w = dense_weight(base_layer).double() + scaling * (B.double() @ A.double())
+        return w.norm(dim=1)
+
+
+class DoRALayer(AdapterLayer):
+    """y = c ⊙ (W' x) + b with c = m / ||W'||_row (detached norm)."""
+
+    method = "dora"
+
+    def __init__(self, base_layer: nn.Module, config: HyLoRADAConfig, name: str = "") -> None:
+        super().__init__(base_layer, config, name)
+        self.eps = config.norm_eps
+        self.register_buffer("weight_norm_sq", row_norm_sq(dense_weight(base_layer)), persistent=False)
+        m0 = self.weight_norm_sq.sqrt().to(self.lora_A.dtype)
+        self.magnitude = nn.Parameter(m0.clone())
+
+    def weight_norm(self) -> torch.Tensor:
+        """||W'||_row (no gradient), by the factored formula."""
+        return factored_weight_norm(self.base_layer, self.weight_norm_sq, self.lora_A, self.lora_B,
+                                    self.scaling, self.eps)
+
+    def row_scale(self) -> torch.Tensor:
+        """c = m / ||W'||_row."""
+        return self.magnitude / self.weight_norm()
+
+    def extra_state_names(self) -> tuple[str, ...]:
+        return ("magnitude",)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        c = self.row_scale()
+        bias = self.base_layer.bias
+        wx = forward_no_bias(self.base_layer, x)
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            y = c * (wx + self.lora_out(x))
+        else:
+            xd = self.dropout(x)
+            y = wx + (c - 1) * forward_no_bias(self.base_layer, xd) + c * self.lora_out(xd)
+        y = y.to(wx.dtype)
+        return y if bias is None else y + bias
+
+    def _after_unmerge(self) -> None:
+        self.weight_norm_sq.copy_(row_norm_sq(dense_weight(self.base_layer)))

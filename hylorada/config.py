@@ -1,0 +1,120 @@
+"""HyLoRADAConfig: the validated description of which adapter goes where.
+
+Field names of the original project are kept (`lora_rank`, `lora_alpha`, `lora_dropout`,
+`use_hylorada`, `lora_plus_enabled`, `lora_plus_ratio`, `gate_init`, `residual_init`).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+METHODS = ("lora", "dora", "hylorada", "lorada")
+INITS = ("kaiming", "orthogonal", "gaussian")
+ALL_LINEAR = "all-linear"
+
+# The attention projections of common architectures (the default targets).
+ATTENTION_TARGETS: dict[str, list[str]] = {
+    "gpt2": ["attn.c_attn", "attn.c_proj"],
+    "default": ["q_proj", "k_proj", "v_proj", "o_proj"],
+}
+
+
+def _fail(field_name: str, value: Any, allowed: str) -> None:
+    raise ValueError(f"HyLoRADAConfig.{field_name}={value!r} is invalid: allowed {allowed}")
+
+
+@dataclass
+class HyLoRADAConfig:
+    """Adapter configuration.
+
+    scale s = lora_alpha / lora_rank, or lora_alpha / sqrt(lora_rank) with `use_rslora`.
+    `method=None` follows `use_hylorada` ("hylorada" if True, else "lora"); an explicit
+    `method` wins and `use_hylorada` is set to `method == "hylorada"`.
+    """
+
+    lora_rank: int = 8
+    lora_alpha: float = 16.0
+    lora_dropout: float = 0.05
+    use_hylorada: bool = True
+    method: str | None = None
+    target_modules: list[str] | str | None = None
+    use_rslora: bool = False
+    init_lora_weights: str | None = None
+    lora_plus_enabled: bool = False
+    lora_plus_ratio: float = 16.0
+    gate_init: float = 0.0
+    residual_init: float = 0.1
+    temperature_init: float = 1.0
+    norm_eps: float = 1e-6
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.method is None:
+            self.method = "hylorada" if self.use_hylorada else "lora"
+        if self.method not in METHODS:
+            _fail("method", self.method, f"one of {list(METHODS)}")
+        self.use_hylorada = self.method == "hylorada"
+        if self.init_lora_weights is None:
+            self.init_lora_weights = "orthogonal" if self.method == "hylorada" else "kaiming"
+        if self.init_lora_weights not in INITS:
+            _fail("init_lora_weights", self.init_lora_weights, f"one of {list(INITS)}")
+        if isinstance(self.lora_rank, bool) or not isinstance(self.lora_rank, int) or self.lora_rank <= 0:
+            _fail("lora_rank", self.lora_rank, "a positive integer (<= min(d_in, d_out) of every target)")
+        if not _finite(self.lora_alpha) or self.lora_alpha <= 0:
+            _fail("lora_alpha", self.lora_alpha, "a finite number > 0")
+        if not _finite(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
+            _fail("lora_dropout", self.lora_dropout, "a number in [0, 1)")
+        if not _finite(self.lora_plus_ratio) or self.lora_plus_ratio <= 0:
+            _fail("lora_plus_ratio", self.lora_plus_ratio, "a finite number > 0")
+        for name in ("gate_init", "residual_init"):
+            if not _finite(getattr(self, name)):
+                _fail(name, getattr(self, name), "a finite number (a sigmoid input)")
+        if not _finite(self.temperature_init) or self.temperature_init <= 0:
+            _fail("temperature_init", self.temperature_init, "a finite number > 0")
+        if not _finite(self.norm_eps) or self.norm_eps <= 0:
+            _fail("norm_eps", self.norm_eps, "a small number > 0")
+        tm = self.target_modules
+        if isinstance(tm, (list, tuple)):
+            if not tm or not all(isinstance(t, str) and t for t in tm):
+                _fail("target_modules", tm, f"a non-empty list of module names/suffixes, a regex string, '{ALL_LINEAR}' or None")
+            self.target_modules = list(tm)
+        elif tm is not None and not (isinstance(tm, str) and tm):
+            _fail("target_modules", tm, f"a non-empty list of module names/suffixes, a regex string, '{ALL_LINEAR}' or None")
+
+    @property
+    def scaling(self) -> float:
+        """s = alpha / r (alpha / sqrt(r) with rsLoRA)."""
+        r = self.lora_rank
+        return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "HyLoRADAConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"HyLoRADAConfig got unknown fields {unknown}; allowed fields: {sorted(known)}")
+        return cls(**data)
+
+    def to_json(self, path: str | Path | None = None) -> str:
+        text = json.dumps(self.to_dict(), indent=2, sort_keys=True)
+        if path is not None:
+            Path(path).write_text(text + "\n")
+        return text
+
+    @classmethod
+    def from_json(cls, text_or_path: str | Path) -> "HyLoRADAConfig":
+        text = str(text_or_path)
+        if not text.lstrip().startswith("{"):
+            text = Path(text).read_text()
+        return cls.from_dict(json.loads(text))
+
+
+def _finite(x: Any) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)

@@ -1,0 +1,335 @@
+"""HyLoRADAModel: inject adapters into a transformers causal LM, train them, merge, save, export.
+
+The base model is frozen and wrapped in place: every matching `nn.Linear`, GPT-2 `Conv1D` or
+`FactorizedLinear` becomes an adapter layer that holds the original layer as `base_layer`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .adapters import ADAPTER_CLASSES, AdapterLayer, LoRaDALayer
+from .adapters.dora import direct_weight_norm
+from .compress.factorized import FactorizedLinear
+from .config import ALL_LINEAR, ATTENTION_TARGETS, HyLoRADAConfig
+from .layers import in_out_features, is_linear
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+FORMAT_VERSION = 1
+QUERY_NAMES = ("q_proj", "query", "q")
+
+
+def linear_layer_names(model: nn.Module) -> list[str]:
+    """Names of the layers adapters can wrap (inside a FactorizedLinear only the whole layer counts)."""
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer) or not is_linear(module):
+            continue
+        parent = name.rpartition(".")[0]
+        if isinstance(model.get_submodule(parent), (FactorizedLinear, AdapterLayer)):
+            continue
+        names.append(name)
+    return names
+
+
+def default_targets(model: nn.Module) -> list[str]:
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    return list(ATTENTION_TARGETS.get(model_type, ATTENTION_TARGETS["default"]))
+
+
+def match_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]:
+    """Module names selected by `target_modules`: exact name or '.'-suffix for a list, a full regex
+    match for a string, every linear but the output embedding for 'all-linear'."""
+    candidates = linear_layer_names(model)
+    if targets is None:
+        targets = default_targets(model)
+    if targets == ALL_LINEAR:
+        out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+        chosen = [n for n in candidates if model.get_submodule(n) is not out_emb]
+    elif isinstance(targets, str):
+        chosen = [n for n in candidates if re.fullmatch(targets, n)]
+    else:
+        chosen = [n for n in candidates if any(n == t or n.endswith("." + t) for t in targets)]
+    if not chosen:
+        suffixes = sorted({_strip_layer_index(n) for n in candidates})
+        raise ValueError(
+            f"HyLoRADAConfig.target_modules={targets!r} matches no layer; allowed: names or "
+            f"'.'-suffixes of the layers that exist, e.g. {suffixes[:40]}, or '{ALL_LINEAR}'")
+    return chosen
+
+
+def _strip_layer_index(name: str) -> str:
+    """model.layers.3.self_attn.q_proj -> self_attn.q_proj (for readable error messages)."""
+    parts = name.split(".")
+    for i in range(len(parts) - 1, -1, -1):
+        if parts[i].isdigit():
+            return ".".join(parts[i + 1:])
+    return name
+
+
+def _num_heads(model: nn.Module) -> int:
+    cfg = model.config
+    for key in ("num_attention_heads", "n_head", "num_heads"):
+        if getattr(cfg, key, None):
+            return int(getattr(cfg, key))
+    raise ValueError("LoRaDA needs the number of attention heads; the model config has none of "
+                     "num_attention_heads / n_head / num_heads")
+
+
+class HyLoRADAModel(nn.Module):
+    """A frozen causal LM with adapters (LoRA, DoRA, HyLoRADA or LoRaDA) on the target layers."""
+
+    def __init__(self, model: nn.Module, config: HyLoRADAConfig | None = None,
+                 *, target_names: list[str] | None = None) -> None:
+        super().__init__()
+        config = config if config is not None else HyLoRADAConfig()
+        self.model = model
+        self.adapter_config = config
+        for p in model.parameters():
+            p.requires_grad_(False)
+        names = target_names if target_names is not None else match_targets(model, config.target_modules)
+        self.target_names: list[str] = list(names)
+        self._inject()
+        self._unloaded = False
+
+    # ---- construction -------------------------------------------------------------------
+    def _inject(self) -> None:
+        cfg, model = self.adapter_config, self.model
+        cls = ADAPTER_CLASSES[cfg.method]
+        q_layers = 0
+        for name in self.target_names:
+            base = model.get_submodule(name)
+            if isinstance(base, AdapterLayer):
+                raise ValueError(f"layer '{name}' already has an adapter")
+            kwargs: dict[str, Any] = {}
+            leaf = name.rsplit(".", 1)[-1]
+            if cfg.method == "lorada" and (leaf in QUERY_NAMES or leaf == "c_attn"):
+                d_in, d_out = in_out_features(base)
+                kwargs = dict(n_heads=_num_heads(model), q_offset=0,
+                              q_size=d_out // 3 if leaf == "c_attn" else d_out)
+                q_layers += 1
+            layer = cls(base, cfg, name, **kwargs)
+            parent_name, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+        if cfg.method == "lorada" and q_layers == 0:
+            raise ValueError(
+                "HyLoRADAConfig.method='lorada' needs the query projection among target_modules "
+                f"(a layer named one of {list(QUERY_NAMES) + ['c_attn']}); got {cfg.target_modules!r}")
+
+    # ---- pass-through ---------------------------------------------------------------------
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model(*args, **kwargs)
+
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "model":
+                raise
+            return getattr(self.model, name)
+
+    # ---- adapters and their parameters ----------------------------------------------------
+    def adapter_layers(self) -> Iterator[tuple[str, AdapterLayer]]:
+        for name in self.target_names:
+            yield name, self.model.get_submodule(name)
+
+    def named_trainable_parameters(self) -> list[tuple[str, nn.Parameter]]:
+        return [(n, p) for n, p in self.model.named_parameters() if p.requires_grad]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        return [p for _, p in self.named_trainable_parameters()]
+
+    def parameter_groups(self, lr: float, weight_decay: float = 0.0) -> list[dict[str, Any]]:
+        """AdamW groups: lora_A at lr; lora_B at lr x lora_plus_ratio when LoRA+ is on (Hayou et
+        al. 2024); magnitudes, gates, blends and temperatures ("scalars") at lr, no weight decay.
+
+        Unlike peft (which puts every 1-D parameter into B's fast group) the 1-D parameters keep
+        the base rate: they are scales near their init, not the zero-initialised B.
+        """
+        ratio = self.adapter_config.lora_plus_ratio if self.adapter_config.lora_plus_enabled else 1.0
+        groups: dict[str, list[nn.Parameter]] = {"lora_A": [], "lora_B": [], "scalars": []}
+        for name, p in self.named_trainable_parameters():
+            leaf = name.rsplit(".", 1)[-1]
+            groups[leaf if leaf in ("lora_A", "lora_B") else "scalars"].append(p)
+        spec = {"lora_A": (lr, weight_decay), "lora_B": (lr * ratio, weight_decay), "scalars": (lr, 0.0)}
+        return [{"name": k, "params": v, "lr": spec[k][0], "weight_decay": spec[k][1]}
+                for k, v in groups.items() if v]
+
+    def print_trainable_params(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.trainable_parameters())
+        seen, total = set(), 0
+        for p in self.model.parameters():
+            if p.data_ptr() not in seen:
+                seen.add(p.data_ptr())
+                total += p.numel()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || "
+              f"trainable%: {100 * trainable / max(total, 1):.4f}")
+        return trainable, total
+
+    # ---- state ------------------------------------------------------------------------------
+    def adapter_state_dict(self) -> dict[str, torch.Tensor]:
+        """Every adapter tensor (A, B, magnitudes, m0, gates, blends, temperatures), by module name."""
+        out = {}
+        for name, layer in self.adapter_layers():
+            for attr in ("lora_A", "lora_B") + layer.extra_state_names():
+                out[f"{name}.{attr}"] = getattr(layer, attr).detach()
+        return out
+
+    @torch.no_grad()
+    def load_adapter_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        own = self.adapter_state_dict()
+        missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+        if missing or unexpected:
+            raise ValueError(f"adapter state does not fit this model: missing {missing[:10]}, "
+                             f"unexpected {unexpected[:10]}")
+        for key, target in own.items():
+            if target.shape != state[key].shape:
+                raise ValueError(f"adapter tensor '{key}' has shape {tuple(state[key].shape)}, "
+                                 f"expected {tuple(target.shape)}")
+            target.copy_(state[key])
+
+    def save_adapter(self, directory: str | os.PathLike) -> Path:
+        """adapter_config.json + adapter_model.safetensors (the complete adapter state), atomically."""
+        if self.merged:
+            raise ValueError("save_adapter on a merged model: call unmerge() first")
+        meta = {
+            "format": "hylorada",
+            "format_version": FORMAT_VERSION,
+            "config": self.adapter_config.to_dict(),
+            "target_names": self.target_names,
+            "base_model_name_or_path": getattr(getattr(self.model, "config", None), "_name_or_path", None),
+        }
+        tensors = {k: v.contiguous().clone() for k, v in self.adapter_state_dict().items()}
+        return _write_dir_atomic(Path(directory), {CONFIG_NAME: json.dumps(meta, indent=2).encode()},
+                                 {WEIGHTS_NAME: tensors})
+
+    save_pretrained = save_adapter
+
+    @classmethod
+    def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike) -> "HyLoRADAModel":
+        directory = Path(directory)
+        meta = json.loads((directory / CONFIG_NAME).read_text())
+        if meta.get("format") != "hylorada":
+            raise ValueError(f"{directory / CONFIG_NAME} is not a hylorada adapter (format="
+                             f"{meta.get('format')!r}); peft adapters load with peft.PeftModel")
+        wrapped = cls(model, HyLoRADAConfig.from_dict(meta["config"]), target_names=meta["target_names"])
+        wrapped.load_adapter_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        return wrapped
+
+    # ---- merge --------------------------------------------------------------------------------
+    @property
+    def merged(self) -> bool:
+        return any(layer.merged for _, layer in self.adapter_layers()) if not self._unloaded else True
+
+    def merge(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.merge()
+
+    def unmerge(self) -> None:
+        for _, layer in self.adapter_layers():
+            layer.unmerge()
+
+    def merge_and_unload(self) -> nn.Module:
+        """Merge every adapter into its base layer and return the plain transformers model."""
+        self.merge()
+        for name, layer in list(self.adapter_layers()):
+            parent_name, _, child = name.rpartition(".")
+            setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child,
+                    layer.base_layer)
+        self._unloaded = True
+        self.target_names = []
+        return self.model
+
+    # ---- peft export ----------------------------------------------------------------------
+    def export_peft(self, directory: str | os.PathLike) -> Path:
+        """Write a peft LoRA/DoRA adapter giving the same outputs.
+
+        LoRA -> peft LoRA; DoRA -> peft DoRA; HyLoRADA -> peft DoRA with m_dora = c·||W'||_row.
+        """
+        cfg = self.adapter_config
+        if cfg.method == "lorada":
+            raise ValueError("export_peft: method='lorada' has per-head attention temperatures that "
+                             "peft cannot express; allowed methods: 'lora', 'dora', 'hylorada'. Use "
+                             "merge_and_unload() and save_pretrained() to export the merged model.")
+        if self.merged:
+            raise ValueError("export_peft on a merged model: call unmerge() first")
+        tensors: dict[str, torch.Tensor] = {}
+        fan_in_fan_out = None
+        for name, layer in self.adapter_layers():
+            if isinstance(layer.base_layer, FactorizedLinear):
+                raise ValueError(f"export_peft: layer '{name}' is a FactorizedLinear, which peft "
+                                 "does not know; merge_and_unload() and save_compressed() instead")
+            is_conv1d = not isinstance(layer.base_layer, nn.Linear)
+            if fan_in_fan_out is not None and fan_in_fan_out != is_conv1d:
+                raise ValueError("export_peft: mixing Linear and Conv1D targets is not supported by one peft config")
+            fan_in_fan_out = is_conv1d
+            prefix = f"base_model.model.{name}"
+            tensors[f"{prefix}.lora_A.weight"] = layer.lora_A.detach().float().contiguous().clone()
+            tensors[f"{prefix}.lora_B.weight"] = layer.lora_B.detach().float().contiguous().clone()
+            if cfg.method in ("dora", "hylorada"):
+                with torch.no_grad():
+                    if cfg.method == "dora":
+                        m = layer.magnitude.detach().float()
+                    else:
+                        n = direct_weight_norm(layer.base_layer, layer.lora_A, layer.lora_B, layer.scaling)
+                        m = (layer.row_scale().double() * n).float()
+                tensors[f"{prefix}.lora_magnitude_vector"] = m.contiguous().clone()
+        peft_cfg = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": getattr(getattr(self.model, "config", None), "_name_or_path", None),
+            "r": cfg.lora_rank,
+            "lora_alpha": cfg.lora_alpha,
+            "lora_dropout": cfg.lora_dropout,
+            "use_rslora": cfg.use_rslora,
+            "use_dora": cfg.method in ("dora", "hylorada"),
+            "target_modules": sorted(self.target_names),
+            "fan_in_fan_out": bool(fan_in_fan_out),
+            "bias": "none",
+            "init_lora_weights": True,
+            "inference_mode": True,
+        }
+        return _write_dir_atomic(Path(directory),
+                                 {"adapter_config.json": json.dumps(peft_cfg, indent=2).encode()},
+                                 {"adapter_model.safetensors": tensors})
+
+
+def _write_dir_atomic(directory: Path, texts: dict[str, bytes],
+                      tensor_files: dict[str, dict[str, torch.Tensor]]) -> Path:
+    """Write each file to a temp name in `directory`, fsync, then os.replace (no torn files)."""
+    directory.mkdir(parents=True, exist_ok=True)
+    staged: list[tuple[str, str]] = []
+    try:
+        for fname, data in texts.items():
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{fname}.")
+            with os.fdopen(fd, "wb") as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            staged.append((tmp, fname))
+        for fname, tensors in tensor_files.items():
+            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{fname}.")
+            os.close(fd)
+            save_file(tensors, tmp, metadata={"format": "pt"})
+            with open(tmp, "rb") as f:
+                os.fsync(f.fileno())
+            staged.append((tmp, fname))
+        for tmp, fname in staged:
+            os.replace(tmp, directory / fname)
+    finally:
+        for tmp, _ in staged:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+    return directory
