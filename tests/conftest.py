@@ -34,9 +34,10 @@ def tiny_qwen2(seed: int = 0, **overrides) -> torch.nn.Module:
 
 
 def tiny_gpt2(seed: int = 0, **overrides) -> torch.nn.Module:
-    """GPT-2: fused qkv `Conv1D` layers (weight stored as d_in x d_out), biases everywhere."""
+    """GPT-2: fused qkv `Conv1D` layers (weight stored as d_in x d_out), biases everywhere; no
+    dropout, so train mode is deterministic."""
     cfg = dict(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=256,
-               bos_token_id=0, eos_token_id=0)
+               bos_token_id=0, eos_token_id=0, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
     cfg.update(overrides)
     torch.manual_seed(seed)
     model = AutoModelForCausalLM.from_config(GPT2Config(**cfg)).eval()

@@ -53,15 +53,15 @@ class AdapterLayer(nn.Module):
         super().__init__()
         d_in, d_out = in_out_features(base_layer)
         r = config.lora_rank
-        if r > min(d_in, d_out):
-            raise ValueError(
-                f"HyLoRADAConfig.lora_rank={r} is invalid for layer '{name}' ({d_out} x {d_in}): "
-                f"allowed 1..{min(d_in, d_out)} (min(d_in, d_out))")
         if config.init_lora_weights == "orthogonal" and r > d_in:
             raise ValueError(
                 f"HyLoRADAConfig.init_lora_weights='orthogonal' needs lora_rank <= d_in, but layer "
                 f"'{name}' has d_in={d_in} < lora_rank={r}; allowed: lora_rank <= {d_in} or "
                 f"init_lora_weights in ['kaiming', 'gaussian']")
+        if r > min(d_in, d_out):
+            raise ValueError(
+                f"HyLoRADAConfig.lora_rank={r} is invalid for layer '{name}' ({d_out} x {d_in}): "
+                f"allowed 1..{min(d_in, d_out)} (min(d_in, d_out))")
         ref = next(base_layer.parameters())
         dtype, device = adapter_dtype(ref.dtype), ref.device
         self.base_layer = base_layer
