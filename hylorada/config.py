@@ -50,6 +50,7 @@ class HyLoRADAConfig:
     residual_init: float = 0.1
     temperature_init: float = 1.0
     norm_eps: float = 1e-6
+    fused: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

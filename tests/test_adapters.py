@@ -153,20 +153,51 @@ def test_dora_norm_is_detached():
 
 
 def test_dropout_formula_in_training_mode():
-    """DoRA with dropout d: y = W x + b + (c-1)·W d(x) + c·s·B A d(x) (peft's form)."""
+    """DoRA with dropout d on the low-rank path: y = c ⊙ (W x + s·B A d(x)) + b."""
     model = HyLoRADAModel(tiny_qwen2(), HyLoRADAConfig(method="dora", lora_dropout=0.3, lora_rank=4))
     randomize(model)
     model.train()
     name, layer = next(model.adapter_layers())
     x = torch.randn(3, 5, layer.in_features)
-    torch.manual_seed(11)
-    y = layer(x)
-    torch.manual_seed(11)
-    xd = torch.nn.functional.dropout(x, 0.3, training=True)
-    W, b = dense_weight(layer.base_layer), layer.base_layer.bias
-    c = layer.magnitude / direct_weight_norm(layer.base_layer, layer.lora_A, layer.lora_B, layer.scaling).float()
-    ref = x @ W.T + b + (c - 1) * (xd @ W.T) + c * layer.scaling * (xd @ layer.lora_A.T @ layer.lora_B.T)
-    assert (y - ref).abs().max().item() <= 1e-5
+    for fused in (True, False):
+        layer.fused = fused
+        torch.manual_seed(11)
+        y = layer(x)
+        torch.manual_seed(11)
+        keep = torch.empty(x.shape).bernoulli_(0.7)
+        xd = x * keep / 0.7
+        W, b = dense_weight(layer.base_layer), layer.base_layer.bias
+        c = layer.magnitude / direct_weight_norm(layer.base_layer, layer.lora_A, layer.lora_B, layer.scaling).float()
+        ref = c * (x @ W.T + layer.scaling * (xd @ layer.lora_A.T @ layer.lora_B.T)) + b
+        assert (y - ref).abs().max().item() <= 1e-5, fused
+        assert 0.1 < (keep == 0).float().mean() < 0.5
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("dropout", [0.0, 0.2])
+def test_fused_path_equals_reference_path(arch, method, dropout, input_ids):
+    """The fused autograd Function against plain autograd: outputs and every gradient (float64,
+    so that any difference is the math, not rounding; float32 is covered by the peft tests)."""
+    results = []
+    for fused in (True, False):
+        model = wrap(arch, method, lora_dropout=dropout, fused=fused, target_modules="all-linear")
+        randomize(model)
+        model.double()
+        model.train()
+        emb = model.model.get_input_embeddings()
+        emb.weight.requires_grad_(True)  # so that the gradient w.r.t. the layers' inputs is checked too
+        torch.manual_seed(5)
+        out = logits(model, input_ids)
+        w = torch.randn(out.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+        (out * w).sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.model.named_parameters() if p.grad is not None}
+        results.append((out.detach(), grads))
+    (a, ga), (b, gb) = results
+    assert (a - b).abs().max().item() <= 1e-10
+    assert ga.keys() == gb.keys() and len(ga) > 2 * len(model.target_names)
+    for k in ga:
+        scale = max(1.0, gb[k].abs().max().item())
+        assert (ga[k] - gb[k]).abs().max().item() <= 1e-10 * scale, k
 
 
 # ------------------------------------------------------------------------------- HyLoRADA math

@@ -18,9 +18,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from transformers.pytorch_utils import Conv1D
+
 from ..compress.factorized import FactorizedLinear
 from ..config import HyLoRADAConfig
-from ..layers import dense_weight, in_out_features, set_dense_weight
+from ..layers import dense_weight, forward_no_bias, in_out_features, set_dense_weight
+from .fused import LowRankLinear, dropout_mask
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -44,7 +47,11 @@ def init_lora_A(A: torch.Tensor, init: str, rank: int) -> None:
 
 
 class AdapterLayer(nn.Module):
-    """Base layer + low-rank update. Subclasses define the forward and `row_scale`."""
+    """y = c ⊙ (W x + s·B A d(x)) + b  (c ⊙ b when `scale_bias`); subclasses define c = `row_scale()`.
+
+    d is inverted dropout on the low-rank path only (as LoRA). The forward runs the fused
+    autograd Function (`fused.LowRankLinear`) on dense frozen bases, else `reference_forward`.
+    """
 
     method = "base"
     scale_bias = False
@@ -71,7 +78,8 @@ class AdapterLayer(nn.Module):
         self.lora_A = nn.Parameter(torch.empty(r, d_in, dtype=dtype, device=device))
         self.lora_B = nn.Parameter(torch.zeros(d_out, r, dtype=dtype, device=device))
         init_lora_A(self.lora_A, config.init_lora_weights, r)
-        self.dropout = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.dropout_p = float(config.lora_dropout)
+        self.fused = bool(config.fused)
         self.merged = False
         self._merged_scale: torch.Tensor | None = None
         self._merged_rank: int | None = None
@@ -89,6 +97,50 @@ class AdapterLayer(nn.Module):
     def row_scale(self) -> torch.Tensor | None:
         """c (d_out) such that the layer is c ⊙ (W' x) (+ b); None means c = 1."""
         return None
+
+    def dropout(self, x: torch.Tensor) -> torch.Tensor:
+        """Inverted dropout with `dropout_mask` (the same random stream as the fused path)."""
+        if not self.training or self.dropout_p == 0:
+            return x
+        return x * dropout_mask(x, self.dropout_p) * (1.0 / (1.0 - self.dropout_p))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.merged:
+            return self.base_layer(x)
+        base = self.base_layer
+        if self.fused and isinstance(base, (nn.Linear, Conv1D)) and not base.weight.requires_grad:
+            return self.fused_forward(x)
+        return self.reference_forward(x)
+
+    def reference_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Plain autograd: z = W x + s·B A d(x); y = c ⊙ z + b, or c ⊙ (z + b) with `scale_bias`."""
+        z = forward_no_bias(self.base_layer, x)
+        z = z + self.lora_out(self.dropout(x)).to(z.dtype)
+        c, bias = self.row_scale(), self.base_layer.bias
+        if c is None:
+            return z if bias is None else z + bias
+        if self.scale_bias and bias is not None:
+            return (c * (z + bias)).to(z.dtype)
+        y = (c * z).to(z.dtype)
+        return y if bias is None else y + bias
+
+    def fused_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The same function through `LowRankLinear` in the autocast dtype (if any) or x's dtype."""
+        dev = x.device.type
+        dt = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        base = self.base_layer
+        w = dense_weight(base)
+        bias = base.bias
+        c = self.row_scale()
+        # dL/dc is recovered from the saved output y = c ⊙ z (+ b); keeping an unscaled bias out
+        # of y avoids the cancellation in (y - b) / c when |b| >> |c ⊙ z|.
+        late_bias = bias if (c is not None and not self.scale_bias) else None
+        with torch.autocast(dev, enabled=False):
+            y = LowRankLinear.apply(
+                x.to(dt), w.to(dt), None if (bias is None or late_bias is not None) else bias.to(dt),
+                self.lora_A.to(dt), self.lora_B.to(dt), None if c is None else c.to(_acc(dt)),
+                self.scaling, self.dropout_p if self.training else 0.0, self.scale_bias)
+            return y if late_bias is None else y + late_bias.to(dt)
 
     def extra_state_names(self) -> tuple[str, ...]:
         """Names of this layer's trainable or saved tensors besides lora_A/lora_B."""
@@ -155,6 +207,11 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"method={self.method}, r={self.rank}, scaling={self.scaling:g}, merged={self.merged}"
+
+
+def _acc(dtype: torch.dtype) -> torch.dtype:
+    """Accumulation dtype: at least float32."""
+    return torch.promote_types(dtype, torch.float32)
 
 
 def _set_factors(layer: FactorizedLinear, up: torch.Tensor, down: torch.Tensor) -> None:

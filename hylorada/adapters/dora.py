@@ -5,9 +5,10 @@ building W' (DESIGN.md):
 
     ||W'||²_row = ||W||²_row + 2s·rowsum((W Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B)
 
-with ||W||²_row cached. With dropout d, as in peft:
-y = W x + b + (c - 1) ⊙ W d(x) + c ⊙ s·B A d(x), c = m / ||W'||_row, which is c ⊙ (W' x) + b
-when d is the identity (eval, or dropout 0).
+with ||W||²_row cached. Dropout d acts on the low-rank path only, as in LoRA:
+y = c ⊙ (W x + s·B A d(x)) + b, c = m / ||W'||_row. (peft also feeds d(x) to the rescaled base
+term, y = W x + b + (c-1) ⊙ W d(x) + c ⊙ s·B A d(x), which costs a second full-size matmul;
+both are c ⊙ (W' x) + b in eval mode or with dropout 0.)
 """
 from __future__ import annotations
 
@@ -69,20 +70,6 @@ class DoRALayer(AdapterLayer):
 
     def extra_state_names(self) -> tuple[str, ...]:
         return ("magnitude",)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.merged:
-            return self.base_layer(x)
-        c = self.row_scale()
-        bias = self.base_layer.bias
-        wx = forward_no_bias(self.base_layer, x)
-        if isinstance(self.dropout, nn.Identity) or not self.training:
-            y = c * (wx + self.lora_out(x))
-        else:
-            xd = self.dropout(x)
-            y = wx + (c - 1) * forward_no_bias(self.base_layer, xd) + c * self.lora_out(xd)
-        y = y.to(wx.dtype)
-        return y if bias is None else y + bias
 
     def _after_unmerge(self) -> None:
         self.weight_norm_sq.copy_(row_norm_sq(dense_weight(self.base_layer)))

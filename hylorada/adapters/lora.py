@@ -1,7 +1,8 @@
-"""LoRA (Hu et al. 2021): y = W x + b + s·B A dropout(x); A kaiming-uniform, B = 0 (identity at init)."""
-from __future__ import annotations
+"""LoRA (Hu et al. 2021): y = W x + b + s·B A dropout(x); A kaiming-uniform, B = 0 (identity at init).
 
-import torch
+It is the shared `AdapterLayer` forward with c = 1; merge: W <- W + s·B A.
+"""
+from __future__ import annotations
 
 from .base import AdapterLayer
 
@@ -10,9 +11,3 @@ class LoRALayer(AdapterLayer):
     """y = base(x) + s·B A dropout(x)."""
 
     method = "lora"
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.base_layer(x)
-        if self.merged:
-            return out
-        return out + self.lora_out(self.dropout(x)).to(out.dtype)

@@ -16,7 +16,7 @@ from .lora import LoRALayer
 
 
 class LoRaDALayer(LoRALayer):
-    """LoRA; on the query projection also y[q] <- τ_head ⊙ y[q]."""
+    """LoRA; on the query projection y <- t ⊙ (W' x + b), t = τ_head inside the query slice, 1 elsewhere."""
 
     method = "lorada"
     scale_bias = True
@@ -49,9 +49,3 @@ class LoRaDALayer(LoRALayer):
 
     def extra_state_names(self) -> tuple[str, ...]:
         return ("temperature",) if self.temperature is not None else ()
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = super().forward(x)
-        if self.merged or self.temperature is None:
-            return out
-        return out * self.row_scale().to(out.dtype)

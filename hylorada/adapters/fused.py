@@ -1,0 +1,82 @@
+"""One autograd Function for every adapter method on a dense frozen base:
+
+    y = c ⊙ (W x + s·B A d(x)) + b          (c ⊙ b instead of b when `scale_bias`)
+
+c = 1 (LoRA), m/||W'|| (DoRA), (1-β)·m_eff/||W'|| + β (HyLoRADA), τ per query head (LoRaDA).
+d is inverted dropout with a Bernoulli mask. Compared with composing autograd ops it
+
+- folds c into the weights (W_c = diag(c)·W, B_c = s·diag(c)·B: d_out x d_in work instead of
+  an extra tokens x d_out pass) and accumulates the low-rank term into the base GEMM (addmm),
+- saves for backward only x (an input, alive anyway), h = A d(x) (tokens x r), the dropout
+  mask as bool, and for c the output y itself (which its consumer usually keeps anyway),
+- gets dL/dc from y: dL/dc_j = Σ_t g_tj (y_tj - b_j) / c_j (y_tj / c_j with `scale_bias`).
+  A row with c_j = 0 exactly (a zero weight row under DoRA) gets dL/dc_j = 0 here; the
+  reference path (`fused=False`) is exact there.
+
+The reference is `AdapterLayer.reference_forward` (plain autograd); tests compare the two.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
+    """Bernoulli(1-p) keep-mask (bool), shared by the fused and the reference path."""
+    return torch.empty(x.shape, device=x.device, dtype=torch.float32).bernoulli_(1.0 - p).bool()
+
+
+class LowRankLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, A, B, c, scaling: float, p: float, scale_bias: bool):
+        shape = x.shape
+        x2 = x.reshape(-1, shape[-1])
+        if p > 0:
+            mask = dropout_mask(x2, p)
+            xd = x2 * mask * (1.0 / (1.0 - p))
+        else:
+            mask, xd = None, x2
+        h = xd @ A.t()
+        if c is None:
+            y = F.linear(x2, weight, bias)
+            y.addmm_(h, B.t(), alpha=scaling)
+        else:
+            cw = c.to(weight.dtype)
+            b = bias * cw if (bias is not None and scale_bias) else bias
+            y = F.linear(x2, weight * cw[:, None], b)
+            y.addmm_(h, (B * (cw * scaling)[:, None]).t())
+        ctx.scaling, ctx.p, ctx.scale_bias, ctx.shape = scaling, p, scale_bias, shape
+        ctx.save_for_backward(x2, weight, bias, A, B, c, h, mask, y if c is not None else None)
+        return y.view(*shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x2, weight, bias, A, B, c, h, mask, y = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        g = grad_out.reshape(-1, grad_out.shape[-1])
+        if c is None:
+            Wc, Bc = weight, B * s
+        else:
+            cw = c.to(weight.dtype)
+            Wc, Bc = weight * cw[:, None], B * (cw * s)[:, None]
+        u = g @ Bc  # (s·(g ⊙ c)) B, tokens x r
+        grad_x = grad_A = grad_B = grad_c = None
+        if ctx.needs_input_grad[0]:
+            grad_x = g @ Wc
+            if mask is None:
+                grad_x.addmm_(u, A)
+            else:
+                grad_x.add_((u @ A) * mask, alpha=1.0 / (1.0 - p))
+            grad_x = grad_x.view(ctx.shape)
+        if ctx.needs_input_grad[3]:
+            xd = x2 if mask is None else x2 * mask * (1.0 / (1.0 - p))
+            grad_A = u.t() @ xd
+        if ctx.needs_input_grad[4]:
+            gh = g.t() @ h
+            grad_B = gh * s if c is None else gh * (cw * s)[:, None]
+        if c is not None and ctx.needs_input_grad[5]:
+            gy = (g * y).sum(0, dtype=c.dtype)
+            if bias is not None and not ctx.scale_bias:  # callers pass such a bias outside instead
+                gy = gy - bias.to(c.dtype) * g.sum(0, dtype=c.dtype)
+            grad_c = (gy / c).where(c != 0, torch.zeros_like(gy))
+        return grad_x, None, None, grad_A, grad_B, grad_c, None, None, None
