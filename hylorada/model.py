@@ -244,6 +244,14 @@ class HyLoRADAModel(nn.Module):
     def merge_and_unload(self) -> nn.Module:
         """Merge every adapter into its base layer and return the plain transformers model."""
         self.merge()
+        return self._restore_base_layers()
+
+    def unload(self) -> nn.Module:
+        """Drop the adapters (unmerging first if merged) and return the original model."""
+        self.unmerge()
+        return self._restore_base_layers()
+
+    def _restore_base_layers(self) -> nn.Module:
         for name, layer in list(self.adapter_layers()):
             parent_name, _, child = name.rpartition(".")
             setattr(self.model.get_submodule(parent_name) if parent_name else self.model, child,

@@ -274,6 +274,11 @@ def test_merge_unmerge_and_unload(arch, method, input_ids):
         if n in bias_before:
             assert (l.base_layer.bias - bias_before[n]).abs().max().item() <= 1e-6
     assert (logits(model, input_ids) - adapted).abs().max().item() <= 1e-6
+    restored = wrap(arch, method, target_modules="all-linear")
+    randomize(restored)
+    restored.merge()
+    base = restored.unload()
+    assert (logits(base, input_ids) - logits(FACTORIES[arch](), input_ids)).abs().max().item() <= 1e-5
     plain = model.merge_and_unload()
     assert not any("lora" in n or "magnitude" in n for n, _ in plain.named_parameters())
     assert not any(type(m).__module__.startswith("hylorada") for m in plain.modules())
