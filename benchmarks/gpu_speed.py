@@ -1,0 +1,299 @@
+"""GPU speed and memory of hylorada against peft, measured in one run (issue 6).
+
+    python benchmarks/gpu_speed.py --out docs/perf.json            # on an NVIDIA GPU
+    python benchmarks/gpu_speed.py --shape tiny --device cpu       # a CPU smoke run of the same code
+
+Parts (all by default, or pick with --parts):
+  train       training step time (median of --steps after --warmup) and peak memory of peft LoRA,
+              peft DoRA and our LoRA, DoRA, HyLoRADA, LoRaDA, at dropout 0 and 0.05;
+  merge       forward of the merged model (merge_and_unload) and of merge() vs the base model;
+  compress    whiten + compress time (calibration included) of the TinyLlama and LLaMA-7B shapes,
+              and the kept energy against the exact float64 path;
+  compressed  forward tokens/s of 20/40/60%-compressed models vs the dense one.
+Every row checks its outputs against a reference path and prints the relative error.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import platform
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, LlamaConfig
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hylorada import HyLoRADAConfig, HyLoRADAModel  # noqa: E402
+
+SHAPES = {
+    # TinyLlama-1.1B: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 kv heads, vocab 32000
+    "tinyllama": dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=22,
+                      num_attention_heads=32, num_key_value_heads=4, vocab_size=32000),
+    "llama7b": dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                    num_attention_heads=32, num_key_value_heads=32, vocab_size=32000),
+    "tiny": dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2, vocab_size=256),
+}
+TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def build_model(shape: str, device: str, dtype: torch.dtype, seq_len: int, seed: int = 0):
+    cfg = LlamaConfig(**SHAPES[shape], max_position_embeddings=max(seq_len, 128),
+                      tie_word_embeddings=False)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+    return model.eval()
+
+
+def sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def peak_reset(device: str) -> None:
+    gc.collect()
+    if device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak_gib(device: str) -> float:
+    return torch.cuda.max_memory_allocated() / 2**30 if device.startswith("cuda") else float("nan")
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.float(), b.float()
+    return ((a - b).norm() / b.norm().clamp_min(1e-30)).item()
+
+
+def timed(fn, device: str, steps: int, warmup: int) -> list[float]:
+    for _ in range(warmup):
+        fn()
+    sync(device)
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def autocast(device: str):
+    return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
+
+
+# ------------------------------------------------------------------------------- training steps
+def ours_config(method: str, r: int, dropout: float, **kw) -> HyLoRADAConfig:
+    return HyLoRADAConfig(method=method, lora_rank=r, lora_alpha=2.0 * r, lora_dropout=dropout,
+                          target_modules=TARGETS, init_lora_weights="kaiming", **kw)
+
+
+@torch.no_grad()
+def randomize_adapters(wrapped: HyLoRADAModel, seed: int = 1) -> None:
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    for name, p in wrapped.named_trainable_parameters():
+        noise = torch.randn(p.shape, generator=g).to(p.device, p.dtype)
+        if name.endswith("lora_B"):
+            p.copy_(noise * 0.01)
+        elif not name.endswith("lora_A"):
+            p.add_(noise * 0.01)
+
+
+def train_step_fn(model, params_or_groups, ids, device):
+    opt = torch.optim.AdamW(params_or_groups, lr=1e-5)
+
+    def step():
+        with autocast(device):
+            loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return step, opt
+
+
+def bench_train(base, args, device, ids, rows):
+    import peft
+
+    check_ids = ids[:1, : min(256, ids.shape[1])]
+    for dropout in (0.0, 0.05):
+        for method in ("peft-lora", "peft-dora", "lora", "dora", "hylorada", "lorada"):
+            row = {"part": "train", "method": method, "dropout": dropout}
+            if method.startswith("peft-"):
+                ours_method = method.split("-")[1]
+                # reference check: peft with exactly our weights gives our outputs
+                ours = HyLoRADAModel(base, ours_config(ours_method, args.rank, dropout))
+                randomize_adapters(ours)
+                ours.eval()
+                with torch.no_grad(), autocast(device):
+                    ref = ours(input_ids=check_ids).logits
+                state = {k: v.clone() for k, v in ours.adapter_state_dict().items()}
+                ours.unload()
+                cfg = peft.LoraConfig(r=args.rank, lora_alpha=2.0 * args.rank, lora_dropout=dropout,
+                                      target_modules=TARGETS, use_dora=ours_method == "dora")
+                model = peft.get_peft_model(base, cfg)
+                with torch.no_grad():
+                    for name, mod in model.base_model.model.named_modules():
+                        if f"{name}.lora_A" in state:
+                            mod.lora_A["default"].weight.copy_(state[f"{name}.lora_A"])
+                            mod.lora_B["default"].weight.copy_(state[f"{name}.lora_B"])
+                            if ours_method == "dora":
+                                mod.lora_magnitude_vector["default"].weight.copy_(state[f"{name}.magnitude"])
+                model.eval()
+                with torch.no_grad(), autocast(device):
+                    row["check"] = f"vs ours ({ours_method})"
+                    row["rel_err"] = rel_err(model(input_ids=check_ids).logits, ref)
+                params = [p for p in model.parameters() if p.requires_grad]
+                row["trainable"] = sum(p.numel() for p in params)
+                model.train()
+                peak_reset(device)
+                step, opt = train_step_fn(model, params, ids, device)
+                times = timed(step, device, args.steps, args.warmup)
+                del opt, step
+                model.unload()
+            else:
+                model = HyLoRADAModel(base, ours_config(method, args.rank, dropout))
+                randomize_adapters(model)
+                model.eval()
+                with torch.no_grad(), autocast(device):
+                    fast = model(input_ids=check_ids).logits
+                    for _, layer in model.adapter_layers():
+                        layer.fused = False
+                    slow = model(input_ids=check_ids).logits
+                    for _, layer in model.adapter_layers():
+                        layer.fused = True
+                row["check"] = "fused vs reference path"
+                row["rel_err"] = rel_err(fast, slow)
+                row["trainable"] = sum(p.numel() for p in model.trainable_parameters())
+                model.train()
+                peak_reset(device)
+                step, opt = train_step_fn(model, model.parameter_groups(1e-5, 0.0), ids, device)
+                times = timed(step, device, args.steps, args.warmup)
+                del opt, step
+                model.unload()
+            row["ms"] = 1000 * statistics.median(times)
+            row["peak_gib"] = peak_gib(device)
+            rows.append(row)
+            print(fmt_row(row), flush=True)
+            peak_reset(device)
+
+
+# ------------------------------------------------------------------------------------ merged
+@torch.no_grad()
+def bench_merge(base, args, device, ids, rows):
+    def fwd(m):
+        with autocast(device):
+            return m(input_ids=ids).logits
+
+    base_t = statistics.median(timed(lambda: fwd(base), device, args.steps, args.warmup))
+    ref_logits = None
+    for variant in ("merge()", "merge_and_unload()"):
+        wrapped = HyLoRADAModel(base, ours_config("hylorada", args.rank, 0.0))
+        randomize_adapters(wrapped)
+        wrapped.eval()
+        ref_logits = fwd(wrapped)[:1].float()
+        if variant == "merge()":
+            wrapped.merge()
+            model = wrapped
+        else:
+            model = wrapped.merge_and_unload()
+        t = statistics.median(timed(lambda: fwd(model), device, args.steps, args.warmup))
+        err = rel_err(fwd(model)[:1], ref_logits)
+        rows.append({"part": "merge", "method": f"hylorada {variant}", "ms": 1000 * t,
+                     "base_ms": 1000 * base_t, "ratio_vs_base": t / base_t,
+                     "check": "merged vs unmerged", "rel_err": err})
+        print(fmt_row(rows[-1]), flush=True)
+        if variant == "merge()":
+            wrapped.unload()  # unmerge (exact up to bf16 rounding) and drop the wrappers
+    return base_t
+
+
+def fmt_row(row: dict) -> str:
+    keys = ["part", "method", "dropout", "ms", "peak_gib", "ratio_vs_base", "tokens_per_s",
+            "seconds", "energy_gap", "rel_err", "check"]
+    out = []
+    for k in keys:
+        if k in row:
+            v = row[k]
+            out.append(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}")
+    return "  ".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shape", default="tinyllama", choices=sorted(SHAPES))
+    ap.add_argument("--big-shape", default="llama7b", choices=sorted(SHAPES))
+    ap.add_argument("--device", default="cuda")
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--rank", type=int, default=16)
+    ap.add_argument("--steps", type=int, default=10)
+    ap.add_argument("--warmup", type=int, default=3)
+    ap.add_argument("--calib-blocks", type=int, default=64)
+    ap.add_argument("--parts", default="train,merge,compress,compressed")
+    ap.add_argument("--out", default="perf.json")
+    args = ap.parse_args(argv)
+    device = args.device
+    parts = set(args.parts.split(","))
+    torch.backends.cuda.matmul.allow_tf32 = False
+    info = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
+            "torch": torch.__version__, "python": platform.python_version(),
+            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args)}
+    try:
+        import peft
+        import transformers
+        info.update(peft=peft.__version__, transformers=transformers.__version__)
+    except ImportError:
+        pass
+    print(json.dumps(info), flush=True)
+    rows: list[dict] = []
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq_len), generator=g).to(device)
+
+    if parts & {"train", "merge"}:
+        base = build_model(args.shape, device, torch.bfloat16, args.seq_len)
+        base.requires_grad_(False)
+        if "train" in parts:
+            bench_train(base, args, device, ids, rows)
+        if "merge" in parts:
+            with torch.no_grad(), autocast(device):
+                t = statistics.median(timed(lambda: base(input_ids=ids), device, args.steps, args.warmup))
+            rows.append({"part": "frozen", "method": "base forward", "ms": 1000 * t})
+            print(fmt_row(rows[-1]), flush=True)
+            bench_merge(base, args, device, ids, rows)
+        del base
+        peak_reset(device)
+    if "compress" in parts or "compressed" in parts:
+        from compress_speed import bench_compress, bench_compressed  # noqa: E402
+        if "compress" in parts:
+            bench_compress(args, device, rows)
+        if "compressed" in parts:
+            bench_compressed(args, device, ids, rows)
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.out).write_text(json.dumps({"info": info, "rows": rows}, indent=2))
+    print(markdown_table(rows))
+    return 0
+
+
+def markdown_table(rows: list[dict]) -> str:
+    lines = ["| part | method | dropout | ms | peak GiB | ratio | tokens/s | seconds | energy gap | rel. err | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+
+    def f(v, spec):
+        return "" if v is None else (format(v, spec) if isinstance(v, float) else str(v))
+    for r in rows:
+        lines.append("| " + " | ".join([
+            r["part"], r["method"], f(r.get("dropout"), ".2f"), f(r.get("ms"), ".1f"),
+            f(r.get("peak_gib"), ".2f"), f(r.get("ratio_vs_base"), ".3f"), f(r.get("tokens_per_s"), ".0f"),
+            f(r.get("seconds"), ".1f"), f(r.get("energy_gap"), ".1e"), f(r.get("rel_err"), ".1e"),
+            r.get("check", "")]) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
