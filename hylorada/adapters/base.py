@@ -138,7 +138,7 @@ class AdapterLayer(nn.Module):
         with torch.autocast(dev, enabled=False):
             y = LowRankLinear.apply(
                 x.to(dt), w.to(dt), None if (bias is None or late_bias is not None) else bias.to(dt),
-                self.lora_A.to(dt), self.lora_B.to(dt), None if c is None else c.to(_acc(dt)),
+                self.lora_A, self.lora_B, None if c is None else c.to(_acc(dt)),
                 self.scaling, self.dropout_p if self.training else 0.0, self.scale_bias)
             return y if late_bias is None else y + late_bias.to(dt)
 

@@ -31,12 +31,13 @@ def factored_weight_norm(base_layer: nn.Module, weight_norm_sq: torch.Tensor, A:
     """||W + s·B A||_row from ||W||²_row, W Aᵀ and A Aᵀ; never builds the d_out x d_in matrix."""
     with torch.autocast(device_type=A.device.type, enabled=False):
         wdt = next(base_layer.parameters()).dtype
-        WAt = forward_no_bias(base_layer, A.to(wdt)).float().t()  # (A Wᵀ)ᵀ = W Aᵀ, d_out x r
-        A32, B32 = A.float(), B.float()
-        AAt = A32 @ A32.t()
-        n2 = (weight_norm_sq + 2.0 * scaling * (WAt * B32).sum(dim=1)
-              + scaling * scaling * ((B32 @ AAt) * B32).sum(dim=1))
-        return n2.clamp_min(eps * eps).sqrt()
+        acc = torch.promote_types(A.dtype, torch.float32)
+        WAt = forward_no_bias(base_layer, A.to(wdt)).t().to(acc)  # (A Wᵀ)ᵀ = W Aᵀ, d_out x r
+        A32, B32 = A.to(acc), B.to(acc)
+        # M = 2s·W Aᵀ + s²·B (A Aᵀ);  ||W'||² = ||W||² + rowsum(B ⊙ M)
+        M = torch.addmm(WAt, B32, A32 @ A32.t(), beta=2.0 * scaling, alpha=scaling * scaling)
+        n2 = torch.linalg.vecdot(B32, M).add_(weight_norm_sq)
+        return n2.clamp_min_(eps * eps).sqrt_()
 
 
 def direct_weight_norm(base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor,

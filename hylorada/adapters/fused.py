@@ -20,6 +20,8 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from .kernels import column_dot
+
 
 def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
     """Bernoulli(1-p) keep-mask (bool), shared by the fused and the reference path."""
@@ -29,6 +31,9 @@ def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
 class LowRankLinear(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, weight, bias, A, B, c, scaling: float, p: float, scale_bias: bool):
+        """x, weight, bias in the compute dtype; A, B, c in their own (master) dtype."""
+        ctx.master_dtypes = (A.dtype, B.dtype)
+        A, B = A.to(x.dtype), B.to(x.dtype)
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if p > 0:
@@ -75,8 +80,12 @@ class LowRankLinear(torch.autograd.Function):
             gh = g.t() @ h
             grad_B = gh * s if c is None else gh * (cw * s)[:, None]
         if c is not None and ctx.needs_input_grad[5]:
-            gy = (g * y).sum(0, dtype=c.dtype)
+            gy = column_dot(g, y, c.dtype)
             if bias is not None and not ctx.scale_bias:  # callers pass such a bias outside instead
                 gy = gy - bias.to(c.dtype) * g.sum(0, dtype=c.dtype)
             grad_c = (gy / c).where(c != 0, torch.zeros_like(gy))
+        if grad_A is not None:
+            grad_A = grad_A.to(ctx.master_dtypes[0])
+        if grad_B is not None:
+            grad_B = grad_B.to(ctx.master_dtypes[1])
         return grad_x, None, None, grad_A, grad_B, grad_c, None, None, None

@@ -30,13 +30,12 @@ class HyLoRADALayer(DoRALayer):
 
     def effective_magnitude(self) -> torch.Tensor:
         """m_eff = g·m + (1-g)·m0."""
-        g = torch.sigmoid(self.gate)
-        return g * self.magnitude + (1 - g) * self.magnitude_init
+        return torch.lerp(self.magnitude_init, self.magnitude, torch.sigmoid(self.gate))
 
     def row_scale(self) -> torch.Tensor:
         """c = (1-β)·m_eff/||W'||_row + β."""
         beta = torch.sigmoid(self.residual)
-        return (1 - beta) * self.effective_magnitude() / self.weight_norm() + beta
+        return torch.addcdiv(beta, self.effective_magnitude(), self.weight_norm() / (1 - beta))
 
     def extra_state_names(self) -> tuple[str, ...]:
         return ("magnitude", "magnitude_init", "gate", "residual")
