@@ -117,71 +117,82 @@ def train_step_fn(model, params_or_groups, ids, device):
     return step, opt
 
 
+def copy_into_peft(model, state: dict, with_magnitude: bool) -> None:
+    with torch.no_grad():
+        for name, mod in model.base_model.model.named_modules():
+            if f"{name}.lora_A" in state:
+                mod.lora_A["default"].weight.copy_(state[f"{name}.lora_A"])
+                mod.lora_B["default"].weight.copy_(state[f"{name}.lora_B"])
+                if with_magnitude:
+                    mod.lora_magnitude_vector["default"].weight.copy_(state[f"{name}.magnitude"])
+
+
+def peft_config(method: str, r: int, dropout: float):
+    import peft
+    return peft.LoraConfig(r=r, lora_alpha=2.0 * r, lora_dropout=dropout, target_modules=TARGETS,
+                           use_dora=method == "dora")
+
+
+@torch.no_grad()
+def check_outputs(base, args, device, ids) -> dict[str, float]:
+    """Relative output errors in float32 (TF32 off) on a float32 copy of the base model:
+    each of our methods, fused (+ compiled scale) vs the plain reference path; peft LoRA/DoRA
+    loaded with our weights vs ours."""
+    import copy
+
+    import peft
+
+    base32 = copy.deepcopy(base).float()
+    check_ids = ids[:1, : min(256, ids.shape[1])]
+    errs = {}
+    for method in ("lora", "dora", "hylorada", "lorada"):
+        ours = HyLoRADAModel(base32, ours_config(method, args.rank, 0.0))
+        randomize_adapters(ours)
+        ours.eval()
+        fast = ours(input_ids=check_ids).logits
+        for _, layer in ours.adapter_layers():
+            layer.fused = False
+        slow = ours(input_ids=check_ids).logits
+        errs[method] = rel_err(fast, slow)
+        state = {k: v.clone() for k, v in ours.adapter_state_dict().items()}
+        ours.unload()
+        if method in ("lora", "dora"):
+            pm = peft.get_peft_model(base32, peft_config(method, args.rank, 0.0))
+            copy_into_peft(pm, state, method == "dora")
+            pm.eval()
+            errs[f"peft-{method}"] = rel_err(pm(input_ids=check_ids).logits, slow)
+            pm.unload()
+    del base32
+    peak_reset(device)
+    return errs
+
+
 def bench_train(base, args, device, ids, rows):
     import peft
 
-    check_ids = ids[:1, : min(256, ids.shape[1])]
+    errs = check_outputs(base, args, device, ids)
     for dropout in (0.0, 0.05):
         for method in ("peft-lora", "peft-dora", "lora", "dora", "hylorada", "lorada"):
             row = {"part": "train", "method": method, "dropout": dropout}
             if method.startswith("peft-"):
-                ours_method = method.split("-")[1]
-                # reference check: peft with exactly our weights gives our outputs
-                ours = HyLoRADAModel(base, ours_config(ours_method, args.rank, dropout))
-                randomize_adapters(ours)
-                ours.eval()
-                base.float()  # checks run in float32 (TF32 off): a difference is the math, not rounding
-                with torch.no_grad():
-                    ref = ours(input_ids=check_ids).logits
-                state = {k: v.clone() for k, v in ours.adapter_state_dict().items()}
-                ours.unload()
-                cfg = peft.LoraConfig(r=args.rank, lora_alpha=2.0 * args.rank, lora_dropout=dropout,
-                                      target_modules=TARGETS, use_dora=ours_method == "dora")
-                model = peft.get_peft_model(base, cfg)
-                with torch.no_grad():
-                    for name, mod in model.base_model.model.named_modules():
-                        if f"{name}.lora_A" in state:
-                            mod.lora_A["default"].weight.copy_(state[f"{name}.lora_A"])
-                            mod.lora_B["default"].weight.copy_(state[f"{name}.lora_B"])
-                            if ours_method == "dora":
-                                mod.lora_magnitude_vector["default"].weight.copy_(state[f"{name}.magnitude"])
-                model.eval()
-                with torch.no_grad():
-                    row["check"] = f"vs ours ({ours_method}), fp32"
-                    row["rel_err"] = rel_err(model(input_ids=check_ids).logits, ref)
-                base.to(torch.bfloat16)
+                model = peft.get_peft_model(base, peft_config(method.split("-")[1], args.rank, dropout))
                 params = [p for p in model.parameters() if p.requires_grad]
-                row["trainable"] = sum(p.numel() for p in params)
-                model.train()
-                peak_reset(device)
-                step, opt = train_step_fn(model, params, ids, device)
-                times = timed(step, device, args.steps, args.warmup)
-                del opt, step
-                model.unload()
+                row["check"] = "peft with our weights vs ours (reference path), fp32"
             else:
                 model = HyLoRADAModel(base, ours_config(method, args.rank, dropout))
-                randomize_adapters(model)
-                model.eval()
-                base.float()
-                with torch.no_grad():
-                    fast = model(input_ids=check_ids).logits
-                    for _, layer in model.adapter_layers():
-                        layer.fused = False
-                    slow = model(input_ids=check_ids).logits
-                    for _, layer in model.adapter_layers():
-                        layer.fused = True
-                base.to(torch.bfloat16)
+                params = model.parameter_groups(1e-5, 0.0)
                 row["check"] = "fused vs reference path, fp32"
-                row["rel_err"] = rel_err(fast, slow)
-                row["trainable"] = sum(p.numel() for p in model.trainable_parameters())
-                model.train()
-                peak_reset(device)
-                step, opt = train_step_fn(model, model.parameter_groups(1e-5, 0.0), ids, device)
-                times = timed(step, device, args.steps, args.warmup)
-                del opt, step
-                model.unload()
+            row["rel_err"] = errs[method]
+            row["adapter_dtype"] = str(next(p for p in model.parameters() if p.requires_grad).dtype)
+            row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
+            model.train()
+            peak_reset(device)
+            step, opt = train_step_fn(model, params, ids, device)
+            times = timed(step, device, args.steps, args.warmup)
             row["ms"] = 1000 * statistics.median(times)
             row["peak_gib"] = peak_gib(device)
+            del opt, step
+            model.unload()
             rows.append(row)
             print(fmt_row(row), flush=True)
             peak_reset(device)

@@ -98,6 +98,10 @@ class AdapterLayer(nn.Module):
         """c (d_out) such that the layer is c ⊙ (W' x) (+ b); None means c = 1."""
         return None
 
+    def fast_row_scale(self) -> torch.Tensor | None:
+        """`row_scale` for the fused path (subclasses may compile it)."""
+        return self.row_scale()
+
     def dropout(self, x: torch.Tensor) -> torch.Tensor:
         """Inverted dropout with `dropout_mask` (the same random stream as the fused path)."""
         if not self.training or self.dropout_p == 0:
@@ -131,7 +135,7 @@ class AdapterLayer(nn.Module):
         base = self.base_layer
         w = dense_weight(base)
         bias = base.bias
-        c = self.row_scale()
+        c = self.fast_row_scale()
         # dL/dc is recovered from the saved output y = c ⊙ z (+ b); keeping an unscaled bias out
         # of y avoids the cancellation in (y - b) / c when |b| >> |c ⊙ z|.
         late_bias = bias if (c is not None and not self.scale_bias) else None

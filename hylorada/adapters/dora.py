@@ -25,19 +25,48 @@ def row_norm_sq(weight: torch.Tensor) -> torch.Tensor:
     return weight.detach().double().pow(2).sum(dim=1).float()
 
 
+def norm_from_parts(WAt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight_norm_sq: torch.Tensor,
+                    scaling: float, eps: float) -> torch.Tensor:
+    """||W'||_row from W Aᵀ (d_out x r, accumulation dtype), A, B and ||W||²_row:
+    M = 2s·W Aᵀ + s²·B (A Aᵀ);  ||W'||² = ||W||² + rowsum(B ⊙ M), clamped at eps²."""
+    A, B = A.to(WAt.dtype), B.to(WAt.dtype)
+    M = torch.addmm(WAt, B, A @ A.t(), beta=2.0 * scaling, alpha=scaling * scaling)
+    n2 = torch.linalg.vecdot(B, M) + weight_norm_sq
+    return n2.clamp_min(eps * eps).sqrt()
+
+
+def weight_times_At(base_layer: nn.Module, A: torch.Tensor) -> torch.Tensor:
+    """W Aᵀ (d_out x r) in at least float32, without autocast and without gradient."""
+    with torch.no_grad(), torch.autocast(device_type=A.device.type, enabled=False):
+        wdt = next(base_layer.parameters()).dtype
+        return forward_no_bias(base_layer, A.detach().to(wdt)).t().to(torch.promote_types(A.dtype, torch.float32))
+
+
 @torch.no_grad()
 def factored_weight_norm(base_layer: nn.Module, weight_norm_sq: torch.Tensor, A: torch.Tensor,
                          B: torch.Tensor, scaling: float, eps: float) -> torch.Tensor:
     """||W + s·B A||_row from ||W||²_row, W Aᵀ and A Aᵀ; never builds the d_out x d_in matrix."""
     with torch.autocast(device_type=A.device.type, enabled=False):
-        wdt = next(base_layer.parameters()).dtype
-        acc = torch.promote_types(A.dtype, torch.float32)
-        WAt = forward_no_bias(base_layer, A.to(wdt)).t().to(acc)  # (A Wᵀ)ᵀ = W Aᵀ, d_out x r
-        A32, B32 = A.to(acc), B.to(acc)
-        # M = 2s·W Aᵀ + s²·B (A Aᵀ);  ||W'||² = ||W||² + rowsum(B ⊙ M)
-        M = torch.addmm(WAt, B32, A32 @ A32.t(), beta=2.0 * scaling, alpha=scaling * scaling)
-        n2 = torch.linalg.vecdot(B32, M).add_(weight_norm_sq)
-        return n2.clamp_min_(eps * eps).sqrt_()
+        return norm_from_parts(weight_times_At(base_layer, A), A.detach(), B.detach(), weight_norm_sq,
+                               scaling, eps)
+
+
+def _scale_from_parts(scale_fn, WAt, A, B, weight_norm_sq, scaling, eps, *params):
+    n = norm_from_parts(WAt, A.detach(), B.detach(), weight_norm_sq, scaling, eps).detach()
+    return scale_fn(n, *params)
+
+
+_compiled_scale = None
+
+
+def compiled_scale_from_parts(*args):
+    """`_scale_from_parts` through torch.compile (CUDA fast path: ~10 small kernels become 2-3)."""
+    global _compiled_scale
+    if _compiled_scale is None:
+        import torch._dynamo
+        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+        _compiled_scale = torch.compile(_scale_from_parts, dynamic=False)
+    return _compiled_scale(*args)
 
 
 def direct_weight_norm(base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor,
@@ -56,6 +85,7 @@ class DoRALayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: HyLoRADAConfig, name: str = "") -> None:
         super().__init__(base_layer, config, name)
         self.eps = config.norm_eps
+        self.compile_scale = bool(config.compile_scale)
         self.register_buffer("weight_norm_sq", row_norm_sq(dense_weight(base_layer)), persistent=False)
         m0 = self.weight_norm_sq.sqrt().to(self.lora_A.dtype)
         self.magnitude = nn.Parameter(m0.clone())
@@ -65,9 +95,24 @@ class DoRALayer(AdapterLayer):
         return factored_weight_norm(self.base_layer, self.weight_norm_sq, self.lora_A, self.lora_B,
                                     self.scaling, self.eps)
 
-    def row_scale(self) -> torch.Tensor:
+    @staticmethod
+    def scale_from_norm(n: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
         """c = m / ||W'||_row."""
-        return self.magnitude / self.weight_norm()
+        return magnitude / n
+
+    def scale_params(self) -> tuple[torch.Tensor, ...]:
+        return (self.magnitude,)
+
+    def row_scale(self) -> torch.Tensor:
+        return self.scale_from_norm(self.weight_norm(), *self.scale_params())
+
+    def fast_row_scale(self) -> torch.Tensor:
+        """`row_scale` with the norm and scale compiled into a few kernels on CUDA."""
+        if not (self.compile_scale and self.lora_A.is_cuda):
+            return self.row_scale()
+        WAt = weight_times_At(self.base_layer, self.lora_A)
+        return compiled_scale_from_parts(type(self).scale_from_norm, WAt, self.lora_A, self.lora_B,
+                                         self.weight_norm_sq, self.scaling, self.eps, *self.scale_params())
 
     def extra_state_names(self) -> tuple[str, ...]:
         return ("magnitude",)

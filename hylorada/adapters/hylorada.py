@@ -28,14 +28,20 @@ class HyLoRADALayer(DoRALayer):
         self.gate = nn.Parameter(torch.full((1,), float(config.gate_init), dtype=dt, device=dev))
         self.residual = nn.Parameter(torch.full((1,), float(config.residual_init), dtype=dt, device=dev))
 
+    @staticmethod
+    def scale_from_norm(n: torch.Tensor, magnitude: torch.Tensor, magnitude_init: torch.Tensor,
+                        gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        """c = (1-β)·m_eff/||W'||_row + β, m_eff = m0 + σ(gate)·(m - m0), β = σ(residual)."""
+        beta = torch.sigmoid(residual)
+        m_eff = torch.lerp(magnitude_init, magnitude, torch.sigmoid(gate))
+        return torch.addcdiv(beta, m_eff, n / (1 - beta))
+
+    def scale_params(self) -> tuple[torch.Tensor, ...]:
+        return (self.magnitude, self.magnitude_init, self.gate, self.residual)
+
     def effective_magnitude(self) -> torch.Tensor:
         """m_eff = g·m + (1-g)·m0."""
         return torch.lerp(self.magnitude_init, self.magnitude, torch.sigmoid(self.gate))
-
-    def row_scale(self) -> torch.Tensor:
-        """c = (1-β)·m_eff/||W'||_row + β."""
-        beta = torch.sigmoid(self.residual)
-        return torch.addcdiv(beta, self.effective_magnitude(), self.weight_norm() / (1 - beta))
 
     def extra_state_names(self) -> tuple[str, ...]:
         return ("magnitude", "magnitude_init", "gate", "residual")
