@@ -32,8 +32,8 @@ class HyLoRADAConfig:
     """Adapter configuration.
 
     scale s = lora_alpha / lora_rank, or lora_alpha / sqrt(lora_rank) with `use_rslora`.
-    `fused` runs the fused autograd Function (adapters/fused.py) on dense bases, and
-    `compile_scale` compiles the DoRA-family row scale on CUDA; both have plain references.
+    `fused` runs the fused autograd Function (adapters/fused.py) on dense bases; `fused=False`
+    runs the plain autograd reference.
     `method=None` follows `use_hylorada` ("hylorada" if True, else "lora"); an explicit
     `method` wins and `use_hylorada` is set to `method == "hylorada"`.
     """
@@ -53,7 +53,6 @@ class HyLoRADAConfig:
     temperature_init: float = 1.0
     norm_eps: float = 1e-6
     fused: bool = True
-    compile_scale: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -23,7 +23,7 @@ from transformers.pytorch_utils import Conv1D
 from ..compress.factorized import FactorizedLinear
 from ..config import HyLoRADAConfig
 from ..layers import dense_weight, forward_no_bias, in_out_features, set_dense_weight
-from .fused import LowRankLinear, dropout_mask
+from .fused import LowRankLinear, dropout_with_mask
 
 
 def adapter_dtype(base_dtype: torch.dtype) -> torch.dtype:
@@ -98,15 +98,11 @@ class AdapterLayer(nn.Module):
         """c (d_out) such that the layer is c ⊙ (W' x) (+ b); None means c = 1."""
         return None
 
-    def fast_row_scale(self) -> torch.Tensor | None:
-        """`row_scale` for the fused path (subclasses may compile it)."""
-        return self.row_scale()
-
     def dropout(self, x: torch.Tensor) -> torch.Tensor:
-        """Inverted dropout with `dropout_mask` (the same random stream as the fused path)."""
+        """Inverted dropout (the same kernel and random stream as the fused path)."""
         if not self.training or self.dropout_p == 0:
             return x
-        return x * dropout_mask(x, self.dropout_p) * (1.0 / (1.0 - self.dropout_p))
+        return dropout_with_mask(x, self.dropout_p)[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
@@ -135,7 +131,7 @@ class AdapterLayer(nn.Module):
         base = self.base_layer
         w = dense_weight(base)
         bias = base.bias
-        c = self.fast_row_scale()
+        c = self.row_scale()
         # dL/dc is recovered from the saved output y = c ⊙ z (+ b); keeping an unscaled bias out
         # of y avoids the cancellation in (y - b) / c when |b| >> |c ⊙ z|.
         late_bias = bias if (c is not None and not self.scale_bias) else None

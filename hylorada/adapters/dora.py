@@ -51,24 +51,6 @@ def factored_weight_norm(base_layer: nn.Module, weight_norm_sq: torch.Tensor, A:
                                scaling, eps)
 
 
-def _scale_from_parts(scale_fn, WAt, A, B, weight_norm_sq, scaling, eps, *params):
-    n = norm_from_parts(WAt, A.detach(), B.detach(), weight_norm_sq, scaling, eps).detach()
-    return scale_fn(n, *params)
-
-
-_compiled_scale = None
-
-
-def compiled_scale_from_parts(*args):
-    """`_scale_from_parts` through torch.compile (CUDA fast path: ~10 small kernels become 2-3)."""
-    global _compiled_scale
-    if _compiled_scale is None:
-        import torch._dynamo
-        torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
-        _compiled_scale = torch.compile(_scale_from_parts, dynamic=False)
-    return _compiled_scale(*args)
-
-
 def direct_weight_norm(base_layer: nn.Module, A: torch.Tensor, B: torch.Tensor,
                        scaling: float) -> torch.Tensor:
     """Reference: ||W + s·B A||_row by building W' (fp64). Used by tests and export only."""
@@ -85,7 +67,6 @@ class DoRALayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, config: HyLoRADAConfig, name: str = "") -> None:
         super().__init__(base_layer, config, name)
         self.eps = config.norm_eps
-        self.compile_scale = bool(config.compile_scale)
         self.register_buffer("weight_norm_sq", row_norm_sq(dense_weight(base_layer)), persistent=False)
         m0 = self.weight_norm_sq.sqrt().to(self.lora_A.dtype)
         self.magnitude = nn.Parameter(m0.clone())
@@ -105,14 +86,6 @@ class DoRALayer(AdapterLayer):
 
     def row_scale(self) -> torch.Tensor:
         return self.scale_from_norm(self.weight_norm(), *self.scale_params())
-
-    def fast_row_scale(self) -> torch.Tensor:
-        """`row_scale` with the norm and scale compiled into a few kernels on CUDA."""
-        if not (self.compile_scale and self.lora_A.is_cuda):
-            return self.row_scale()
-        WAt = weight_times_At(self.base_layer, self.lora_A)
-        return compiled_scale_from_parts(type(self).scale_from_norm, WAt, self.lora_A, self.lora_B,
-                                         self.weight_norm_sq, self.scaling, self.eps, *self.scale_params())
 
     def extra_state_names(self) -> tuple[str, ...]:
         return ("magnitude",)

@@ -9,7 +9,8 @@ d is inverted dropout with a Bernoulli mask. Compared with composing autograd op
   an extra tokens x d_out pass) and accumulates the low-rank term into the base GEMM (addmm),
 - saves for backward only x (an input, alive anyway), h = A d(x) (tokens x r), the dropout
   mask as bool, and for c the output y itself (which its consumer usually keeps anyway),
-- gets dL/dc from y: dL/dc_j = Σ_t g_tj (y_tj - b_j) / c_j (y_tj / c_j with `scale_bias`).
+- gets dL/dc from y: dL/dc_j = Σ_t g_tj (y_tj - b_j) / c_j (y_tj / c_j with `scale_bias`),
+- uses torch's fused dropout kernel (output and bool mask in one pass).
   A row with c_j = 0 exactly (a zero weight row under DoRA) gets dL/dc_j = 0 here; the
   reference path (`fused=False`) is exact there.
 
@@ -20,12 +21,17 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from .kernels import column_dot
 
 
-def dropout_mask(x: torch.Tensor, p: float) -> torch.Tensor:
-    """Bernoulli(1-p) keep-mask (bool), shared by the fused and the reference path."""
-    return torch.empty(x.shape, device=x.device, dtype=torch.float32).bernoulli_(1.0 - p).bool()
+def dropout_with_mask(x: torch.Tensor, p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inverted dropout d(x) = x ⊙ mask / (1-p) and its bool mask, in one fused kernel; shared by
+    the fused and the reference path (same random stream)."""
+    return torch.native_dropout(x, p, True)
+
+
+def apply_mask(x: torch.Tensor, mask: torch.Tensor, p: float) -> torch.Tensor:
+    """x ⊙ mask / (1-p), one kernel (recomputes d(x) in backward instead of saving it)."""
+    return torch.ops.aten.native_dropout_backward(x, mask, 1.0 / (1.0 - p))
 
 
 class LowRankLinear(torch.autograd.Function):
@@ -37,8 +43,7 @@ class LowRankLinear(torch.autograd.Function):
         shape = x.shape
         x2 = x.reshape(-1, shape[-1])
         if p > 0:
-            mask = dropout_mask(x2, p)
-            xd = x2 * mask * (1.0 / (1.0 - p))
+            xd, mask = dropout_with_mask(x2, p)
         else:
             mask, xd = None, x2
         h = xd @ A.t()
@@ -71,16 +76,16 @@ class LowRankLinear(torch.autograd.Function):
             if mask is None:
                 grad_x.addmm_(u, A)
             else:
-                grad_x.add_((u @ A) * mask, alpha=1.0 / (1.0 - p))
+                grad_x.add_(apply_mask(u @ A, mask, p))
             grad_x = grad_x.view(ctx.shape)
         if ctx.needs_input_grad[3]:
-            xd = x2 if mask is None else x2 * mask * (1.0 / (1.0 - p))
+            xd = x2 if mask is None else apply_mask(x2, mask, p)
             grad_A = u.t() @ xd
         if ctx.needs_input_grad[4]:
             gh = g.t() @ h
             grad_B = gh * s if c is None else gh * (cw * s)[:, None]
         if c is not None and ctx.needs_input_grad[5]:
-            gy = column_dot(g, y, c.dtype)
+            gy = (g * y).sum(0, dtype=c.dtype)
             if bias is not None and not ctx.scale_bias:  # callers pass such a bias outside instead
                 gy = gy - bias.to(c.dtype) * g.sum(0, dtype=c.dtype)
             grad_c = (gy / c).where(c != 0, torch.zeros_like(gy))
