@@ -50,7 +50,11 @@ class FactorizedLinear(nn.Module):
         return self.up.weight @ self.down.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.up(self.down(x))
+        w = getattr(self.down, "weight", None)  # None when an adapter wraps the factor
+        if w is None or x.dtype == w.dtype or torch.is_autocast_enabled(x.device.type):
+            return self.up(self.down(x))
+        # factors stored in another precision than the activations (CompressConfig.dtype)
+        return self.up(self.down(x.to(w.dtype))).to(x.dtype)
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, "

@@ -1,0 +1,89 @@
+"""`hylorada benchmark`: methods at matched budgets over seeds, and the size/quality frontier.
+
+    hylorada benchmark                                  # preset cpu-quick, out runs/benchmark-cpu-quick
+    hylorada benchmark --preset full --only 'adapt-*-s0' --out runs/full     # one piece of a long run
+    hylorada benchmark --preset full --out runs/full --list                  # cell ids and status
+    hylorada benchmark --preset full --out runs/full --report-only           # rebuild from cells/
+
+Finished cells are stored in OUT/cells/ and never recomputed; results.json, results.md,
+methods.png and frontier.png are rebuilt after every cell. docs/BENCHMARK.md has the details.
+"""
+from __future__ import annotations
+
+import argparse
+import shlex
+import sys
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    from ..benchmark import PRESETS
+
+    p = subparsers.add_parser("benchmark", help="adaptation table at matched budgets + compression frontier",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="cpu-quick", choices=sorted(PRESETS),
+                   help="run size (default: %(default)s, ~15 min on a 2-core CPU; full: one H100)")
+    p.add_argument("--model", default=None, help="model alias, folder or .gguf (default: smollm2-135m)")
+    p.add_argument("--data", default=None, help="kjv, shakespeare or a .txt/.jsonl file or folder "
+                                                "(default: shakespeare)")
+    p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1) per adaptation row")
+    p.add_argument("--steps", type=int, default=None, help="training steps per fine-tuning (adaptation and recovery)")
+    p.add_argument("--rank", type=int, default=None, dest="target_rank",
+                   help="LoRA's rank that sets the matched budget (default: 8)")
+    p.add_argument("--eval-tokens", type=int, default=None, dest="eval_max_tokens",
+                   help="score only the first N test tokens")
+    p.add_argument("--only", nargs="+", action="extend", default=None, metavar="CELL_GLOB",
+                   help="run only the cells whose id matches one of these glob patterns "
+                        "(e.g. 'adapt-*' 'frontier-whiten-*'); see --list")
+    p.add_argument("--out", default=None, help="output folder (default: runs/benchmark-<preset>)")
+    p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the preset's; "
+                                                 "cuda presets fall back to cpu without a GPU)")
+    p.add_argument("--no-peft", action="store_true", help="leave out the peft reference rows")
+    p.add_argument("--list", action="store_true", help="list the cell ids and whether each is done, then exit")
+    p.add_argument("--report-only", action="store_true",
+                   help="compute nothing: rebuild results.json/results.md/plots from the stored cells")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+    return p
+
+
+def run(args: argparse.Namespace) -> int:
+    import logging
+
+    import torch
+
+    from ..benchmark import PRESETS, list_cells, make_config, run_benchmark
+
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = args.device or PRESETS[args.preset].get("device", "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        if args.device:
+            print(f"error: --device {args.device} but CUDA is not available", file=sys.stderr)
+            return 2
+        print(f"note: preset {args.preset} is sized for a GPU but none is available; running on cpu "
+              "(this will be slow)", file=sys.stderr)
+        device = "cpu"
+    try:
+        cfg = make_config(args.preset, model=args.model, data=args.data, seeds=args.seeds, steps=args.steps,
+                          target_rank=args.target_rank, eval_max_tokens=args.eval_max_tokens, device=device,
+                          peft=False if args.no_peft else None)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = args.out or f"runs/benchmark-{cfg.preset}"
+    if args.list:
+        for cid, done in list_cells(cfg, out):
+            print(f"{'done' if done else '    '}  {cid}")
+        return 0
+    command = "hylorada " + " ".join(shlex.quote(a) for a in sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] \
+        else None
+    res = run_benchmark(cfg, out, only=args.only, report_only=args.report_only,
+                        progress=not args.no_progress, command=command)
+    print(f"\n{out}/results.md:\n")
+    with open(f"{out}/results.md") as fh:
+        print(fh.read())
+    if res["pending"]:
+        print(f"{len(res['pending'])} cell(s) pending; rerun the same command to continue.")
+    return 0

@@ -1,0 +1,252 @@
+"""`hylorada compress`: factorise the linear layers of a model with (whitened) truncated SVD.
+
+    hylorada compress --model smollm2-135m --ratio 0.2 --method whiten --calib kjv \\
+        --calib-blocks 64 --calib-seq-len 512 --out DIR \\
+        [--energy E | --alpha A | --budget P] [--solver full|randomized] \\
+        [--override mlp=0.3 --override self_attn=0.1] [--target q_proj --target mlp] \\
+        [--recover-steps N --recover-method hylorada --recover-data kjv] \\
+        [--eval kjv,shakespeare --max-eval-tokens N | --no-eval]
+
+--ratio r removes the fraction r of the target linears' parameters (SVD-LLM convention:
+0.2 keeps 80%, k = floor(0.8·m·n/(m+n)) per matrix). --budget takes a parameter count for the
+target linears (120M, 80000000) or a percentage of their current parameters kept (80%).
+Calibration: --calib-blocks random non-overlapping blocks of --calib-seq-len tokens from the
+train split of --calib (comma-separated corpora share the blocks). Perplexity: the test split
+of each --eval corpus, "\\n\\n"-joined, --eval-seq-len windows, the first --max-eval-tokens
+tokens, before and after compression (and after recovery). Recovery trains adapters on the
+factors (hylorada.compress.api.recover_compressed) and merges them back; the rank stays k.
+
+Writes into --out (atomically): config.json, model.safetensors, compress.json (ranks and the
+report), the tokenizer, report.md and results.json. Load it with
+hylorada.compress.load_compressed(DIR).
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as _dt
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+
+
+def _budget(text: str) -> float:
+    t = text.strip().lower().replace("_", "").replace(",", "")
+    try:
+        if t.endswith("%"):
+            v = float(t[:-1]) / 100
+            if not 0 < v < 1:
+                raise ValueError
+            return v
+        mult = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}.get(t[-1:], 1)
+        v = float(t[:-1] if mult != 1 else t) * mult
+        if v < 1:
+            raise ValueError
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--budget {text!r}: give a parameter count (120M, 80000000) or a percentage kept (80%)") from None
+
+
+def _override(text: str) -> tuple[str, object]:
+    key, sep, val = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--override {text!r}: expected NAME=VALUE (mlp=0.3, q_proj=64, "
+                                         "o_proj=dense)")
+    if val == "dense":
+        return key, val
+    try:
+        return key, int(val)
+    except ValueError:
+        try:
+            return key, float(val)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--override {text!r}: VALUE must be a float, an int rank or "
+                                             "'dense'") from None
+
+
+def add_parser(subparsers) -> argparse.ArgumentParser:
+    p = subparsers.add_parser("compress", help="low-rank (whitened) SVD compression of the linear layers",
+                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="smollm2-135m",
+                   help="alias (smollm2-135m), transformers folder, .gguf file or hub id (default: %(default)s)")
+    g.add_argument("--dtype", default="float32", help="model weights dtype (default: %(default)s)")
+    g.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    g = p.add_argument_group("compression")
+    g.add_argument("--method", default="whiten", choices=["svd", "whiten"])
+    pol = g.add_mutually_exclusive_group()
+    pol.add_argument("--ratio", type=float, default=None,
+                     help="fraction of the target linears' parameters removed, in (0, 1) (default: 0.2)")
+    pol.add_argument("--energy", type=float, default=None, help="share of Σσ² kept per layer, in (0, 1]")
+    pol.add_argument("--alpha", type=float, default=None, help="rank = floor(alpha·min(m, n)), in (0, 1]")
+    pol.add_argument("--budget", type=_budget, default=None,
+                     help="parameters the target linears keep: a count (120M) or a percentage (80%%)")
+    g.add_argument("--target", action="append", default=None,
+                   help="module name piece to compress (repeatable; default: every linear of the decoder layers)")
+    g.add_argument("--override", action="append", type=_override, default=[],
+                   help="NAME=VALUE per-module setting (repeatable): mlp=0.3, q_proj=64 (a rank), o_proj=dense")
+    g.add_argument("--solver", default="full", choices=["full", "randomized"])
+    g.add_argument("--whiten-method", default="cholesky", choices=["cholesky", "eigh"])
+    g.add_argument("--factor-dtype", default=None, help="storage dtype of the factors (default: the model's)")
+    g.add_argument("--force", action="store_true", help="factorise even layers whose rank saves nothing")
+    g.add_argument("--calib", default="kjv", help="calibration corpora, comma-separated (default: %(default)s)")
+    g.add_argument("--calib-blocks", type=int, default=64, help="calibration blocks (default: %(default)s)")
+    g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per block (default: %(default)s)")
+    g.add_argument("--calib-batch-size", type=int, default=4, help="blocks per forward (default: %(default)s)")
+    g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("evaluation")
+    g.add_argument("--eval", default="kjv,shakespeare", help="test corpora for perplexity (default: %(default)s)")
+    g.add_argument("--no-eval", action="store_true", help="skip perplexity")
+    g.add_argument("--eval-seq-len", type=int, default=512, help="perplexity window (default: %(default)s)")
+    g.add_argument("--max-eval-tokens", type=int, default=51200,
+                   help="first N test tokens per corpus (default: %(default)s; 0: all)")
+    g.add_argument("--eval-batch-size", type=int, default=4)
+    g = p.add_argument_group("recovery (adapters on the factors, merged back)")
+    g.add_argument("--recover-steps", type=int, default=0, help="optimizer steps (default: 0 = none)")
+    g.add_argument("--recover-method", default="hylorada", choices=["lora", "dora", "hylorada", "lorada"])
+    g.add_argument("--recover-data", default="kjv", help="training corpora, comma-separated (default: %(default)s)")
+    g.add_argument("--recover-rank", type=int, default=8)
+    g.add_argument("--recover-lr", type=float, default=2e-4)
+    g.add_argument("--recover-batch-size", type=int, default=16)
+    g.add_argument("--recover-seq-len", type=int, default=256)
+    g.add_argument("--recover-schedule", default="sequential", choices=["sequential", "joint"],
+                   help="sequential: up factors then down factors (SVD-LLM); joint: both at once")
+    g.add_argument("--recover-targets", default="factors", choices=["factors", "layers"],
+                   help="factors: adapters on up/down (rank stays k); layers: on whole layers (rank k + r)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=None, help="output directory (default: do not save)")
+    g.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=run)
+    return p
+
+
+def evaluate_corpora(model, tokenizer, corpora, seq_len: int, max_tokens: int | None,
+                     batch_size: int = 4, progress: bool = False) -> dict[str, dict]:
+    """{corpus: perplexity result dict} on the test split of each corpus."""
+    from .. import data, evaluate
+
+    out = {}
+    for name in [c.strip() for c in corpora.split(",")] if isinstance(corpora, str) else corpora:
+        ids = data.eval_ids(tokenizer, data.load_corpus(name, "test"))
+        if max_tokens:
+            ids = ids[:, :max_tokens]
+        res = evaluate.perplexity(model, ids, seq_len, batch_size=batch_size, progress=progress).to_dict()
+        res.pop("window_tokens", None)
+        res.pop("window_nll", None)
+        out[name] = res
+    return out
+
+
+def recovery_blocks(tokenizer, corpora, seq_len: int) -> dict:
+    """Training blocks (pack_blocks) of the train split of each corpus, concatenated."""
+    import torch
+
+    from .. import data
+
+    names = [c.strip() for c in corpora.split(",")] if isinstance(corpora, str) else list(corpora)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    parts = [data.pack_blocks(data.token_stream(tokenizer, data.load_corpus(n, "train")), seq_len, pad)
+             for n in names if n]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def env_info() -> dict:
+    import torch
+
+    def version(pkg):
+        try:
+            from importlib.metadata import version as v
+            return v(pkg)
+        except Exception:
+            return None
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
+    return {"torch": torch.__version__, "transformers": version("transformers"),
+            "hylorada": version("hylorada"), "python": platform.python_version(),
+            "device": dev, "threads": torch.get_num_threads(),
+            "date": _dt.datetime.now().isoformat(timespec="seconds")}
+
+
+def run(args: argparse.Namespace) -> int:
+    import torch
+
+    from ..compress import CompressConfig, compress_model, save_compressed
+    from ..compress.api import recover_compressed
+    from ..compress.whiten import calibration_blocks
+    from ..evaluate import jsonable, model_size
+    from ..loading import load_model
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    policy = {k: getattr(args, k) for k in ("ratio", "energy", "alpha", "budget") if getattr(args, k) is not None}
+    if not policy:
+        policy = {"ratio": 0.2}
+    try:
+        config = CompressConfig(method=args.method, **policy, target_modules=args.target,
+                                overrides=dict(args.override), svd_solver=args.solver,
+                                whiten_method=args.whiten_method, calib_blocks=args.calib_blocks,
+                                calib_seq_len=args.calib_seq_len, calib_batch_size=args.calib_batch_size,
+                                force=args.force, dtype=args.factor_dtype, seed=args.seed)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    progress = not args.no_progress
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    timings["load_s"] = time.perf_counter() - t0
+    max_eval = args.max_eval_tokens or None
+    ppl: dict[str, dict] = {}
+
+    def measure(stage: str) -> None:
+        if args.no_eval:
+            return
+        t = time.perf_counter()
+        ppl[stage] = evaluate_corpora(model, tokenizer, args.eval, args.eval_seq_len, max_eval,
+                                      args.eval_batch_size, progress)
+        timings[f"eval_{stage}_s"] = time.perf_counter() - t
+        print(f"  perplexity {stage:>10}: " + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in ppl[stage].items()))
+
+    measure("dense")
+    size_dense = model_size(model).n_bytes
+    calibration = None
+    if args.method == "whiten":
+        t = time.perf_counter()
+        calibration = calibration_blocks(tokenizer, args.calib, args.calib_blocks, args.calib_seq_len,
+                                         seed=args.seed)
+        timings["calib_data_s"] = time.perf_counter() - t
+    t = time.perf_counter()
+    report = compress_model(model, config, calibration=calibration, progress=progress)
+    timings["compress_s"] = time.perf_counter() - t
+    print(report.to_markdown())
+    print(report.summary())
+    measure("compressed")
+    recovery = None
+    if args.recover_steps > 0:
+        blocks = recovery_blocks(tokenizer, args.recover_data, args.recover_seq_len)
+        t = time.perf_counter()
+        recovery = recover_compressed(
+            model, blocks, method=args.recover_method, steps=args.recover_steps,
+            lora_rank=args.recover_rank, schedule=args.recover_schedule, targets=args.recover_targets,
+            train_config={"batch_size": args.recover_batch_size, "lr": args.recover_lr,
+                          "progress": progress, "seed": args.seed})
+        timings["recover_s"] = time.perf_counter() - t
+        print(f"  recovery: {recovery['method']} r={recovery['lora_rank']}, {args.recover_steps} steps "
+              f"({recovery['schedule']}), size {recovery['bytes_before'] / 2**20:.1f} -> "
+              f"{recovery['bytes_after'] / 2**20:.1f} MB")
+        measure("recovered")
+    size_after = model_size(model).n_bytes
+    print(f"  model size: {size_dense / 2**20:.1f} MB dense -> {size_after / 2**20:.1f} MB")
+
+    results = {"command": "compress", "argv": sys.argv, "args": {k: v for k, v in vars(args).items() if k != "func"},
+               "report": report.to_dict(), "perplexity": ppl, "recovery": recovery,
+               "size_bytes": {"dense": size_dense, "final": size_after}, "timings": timings, "env": env_info()}
+    if args.out:
+        out = save_compressed(model, args.out, report=report, tokenizer=tokenizer,
+                              extra={"report.md": report.to_markdown(),
+                                     "results.json": json.dumps(jsonable(results), indent=2, default=str)})
+        print(f"  wrote {Path(out)}")
+    return 0

@@ -1,0 +1,189 @@
+"""CompressConfig: what `compress_model` does, validated when it is built."""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+import torch
+
+from .ranks import POLICIES
+from .svd import SOLVERS
+from .whiten import WHITEN_METHODS
+
+METHODS = ("svd", "whiten")
+BUDGET_ENERGY = ("relative", "absolute")
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+          "float64": torch.float64}
+
+
+def _dtype_name(value, field_name: str, allow_none: bool = True) -> str | None:
+    if value is None and allow_none:
+        return None
+    if isinstance(value, torch.dtype):
+        for name, dt in DTYPES.items():
+            if dt == value:
+                return name
+    if isinstance(value, str):
+        name = value.removeprefix("torch.")
+        name = {"fp32": "float32", "fp16": "float16", "half": "float16", "bf16": "bfloat16",
+                "fp64": "float64", "double": "float64", "float": "float32"}.get(name, name)
+        if name in DTYPES:
+            return name
+    raise ValueError(f"CompressConfig.{field_name} must be one of {sorted(DTYPES)}"
+                     f"{' or None' if allow_none else ''}, got {value!r}")
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+@dataclass
+class CompressConfig:
+    """How to compress the target linear layers of a model.
+
+    method: "svd" (plain truncated SVD of W) or "whiten" (SVD-LLM: SVD of W·L with L Lᵀ the
+        calibration inputs' Gram matrix; needs calibration).
+    Exactly one rank policy (see hylorada.compress.ranks):
+        ratio: fraction of each target matrix's parameters REMOVED, in (0, 1); 0.2 keeps 80%,
+            k = floor(0.8·m·n/(m+n)) (SVD-LLM's "compression ratio 20%").
+        energy: share of Σσ² kept, in (0, 1] (whitened σ for method="whiten").
+        alpha: k = floor(alpha·min(m, n)), in (0, 1] (the original HyLoRA knob).
+        budget: parameters the target layers keep in total (biases included): an int ≥ 1, or a
+            float in (0, 1) read as that fraction of their current parameters (0.8 is the size
+            of ratio=0.2, with ranks shared by greedy σ² per parameter instead of per matrix).
+    budget_energy: "relative" (σ² as a share of each layer's Σσ²) or "absolute" scores.
+    target_modules: names pieces to compress (e.g. ["q_proj", "mlp"]); None = every Linear /
+        Conv1D inside the decoder layers. lm_head and embeddings are never targets.
+    overrides: name piece -> value for matching layers (longest matching key wins): a float in
+        the policy's unit (a ratio under "budget"), an int rank, or "dense".
+    svd_solver: "full" or "randomized" (oversample, n_iter power iterations, seed).
+    whiten_method: "cholesky" (jitter·tr(G)/n on failure, x10 per retry) or "eigh".
+    calib_blocks / calib_seq_len: use at most this many calibration blocks / tokens per block.
+    calib_batch_size: blocks per calibration forward pass.
+    force: factorise layers even when the rank saves nothing (break-even guard off).
+    dtype: storage dtype of the factors (None: each layer's own); compute_dtype: of the SVD and
+        whitening (float64 by default).
+    """
+
+    method: str = "whiten"
+    ratio: float | None = None
+    energy: float | None = None
+    alpha: float | None = None
+    budget: int | float | None = None
+    budget_energy: str = "relative"
+    target_modules: list[str] | None = None
+    overrides: dict[str, float | int | str] = field(default_factory=dict)
+    svd_solver: str = "full"
+    oversample: int = 10
+    n_iter: int = 2
+    whiten_method: str = "cholesky"
+    jitter: float = 1e-8
+    calib_blocks: int | None = None
+    calib_seq_len: int | None = None
+    calib_batch_size: int = 4
+    force: bool = False
+    dtype: str | None = None
+    compute_dtype: str = "float64"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise ValueError(f"CompressConfig.method must be one of {METHODS}, got {self.method!r}")
+        set_ = [p for p in POLICIES if getattr(self, p) is not None]
+        if len(set_) != 1:
+            raise ValueError(f"CompressConfig: set exactly one rank policy of {POLICIES} "
+                             f"(ratio, energy, alpha or budget), got {set_ or 'none'}")
+        v = getattr(self, set_[0])
+        if not _is_number(v):
+            raise ValueError(f"CompressConfig.{set_[0]} must be a number, got {v!r}")
+        self._check_value(set_[0], v, f"CompressConfig.{set_[0]}")
+        if self.budget_energy not in BUDGET_ENERGY:
+            raise ValueError(f"CompressConfig.budget_energy must be one of {BUDGET_ENERGY}, "
+                             f"got {self.budget_energy!r}")
+        if self.target_modules is not None:
+            if isinstance(self.target_modules, str):
+                self.target_modules = [self.target_modules]
+            self.target_modules = list(self.target_modules)
+            if not self.target_modules or not all(isinstance(t, str) and t.strip(".")
+                                                  for t in self.target_modules):
+                raise ValueError("CompressConfig.target_modules must be None or a non-empty list "
+                                 f"of module name pieces, got {self.target_modules!r}")
+        if not isinstance(self.overrides, dict):
+            raise ValueError(f"CompressConfig.overrides must be a dict name -> value, "
+                             f"got {type(self.overrides).__name__}")
+        for key, val in self.overrides.items():
+            where = f"CompressConfig.overrides[{key!r}]"
+            if not isinstance(key, str) or not key.strip("."):
+                raise ValueError(f"CompressConfig.overrides keys must be module name pieces, got {key!r}")
+            if isinstance(val, str):
+                if val != "dense":
+                    raise ValueError(f"{where} must be a float in the policy's unit, an int rank "
+                                     f"or 'dense', got {val!r}")
+            elif isinstance(val, int) and not isinstance(val, bool):
+                if val < 1:
+                    raise ValueError(f"{where}: a rank must be >= 1, got {val}")
+            elif isinstance(val, float):
+                self._check_value("ratio" if self.policy == "budget" else self.policy, val, where)
+            else:
+                raise ValueError(f"{where} must be a float, an int rank or 'dense', got {val!r}")
+        if self.svd_solver not in SOLVERS:
+            raise ValueError(f"CompressConfig.svd_solver must be one of {SOLVERS}, got {self.svd_solver!r}")
+        if self.whiten_method not in WHITEN_METHODS:
+            raise ValueError(f"CompressConfig.whiten_method must be one of {WHITEN_METHODS}, "
+                             f"got {self.whiten_method!r}")
+        for name in ("oversample", "n_iter", "seed"):
+            val = getattr(self, name)
+            if not isinstance(val, int) or isinstance(val, bool) or val < 0:
+                raise ValueError(f"CompressConfig.{name} must be an int >= 0, got {val!r}")
+        for name in ("calib_blocks", "calib_seq_len"):
+            val = getattr(self, name)
+            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
+                raise ValueError(f"CompressConfig.{name} must be None or an int >= 1, got {val!r}")
+        if not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
+            raise ValueError(f"CompressConfig.calib_batch_size must be an int >= 1, "
+                             f"got {self.calib_batch_size!r}")
+        if not _is_number(self.jitter) or not self.jitter > 0:
+            raise ValueError(f"CompressConfig.jitter must be > 0, got {self.jitter!r}")
+        if not isinstance(self.force, bool):
+            raise ValueError(f"CompressConfig.force must be a bool, got {self.force!r}")
+        self.dtype = _dtype_name(self.dtype, "dtype")
+        self.compute_dtype = _dtype_name(self.compute_dtype, "compute_dtype", allow_none=False)
+        if self.compute_dtype not in ("float32", "float64"):
+            raise ValueError(f"CompressConfig.compute_dtype must be one of ('float32', 'float64'), "
+                             f"got {self.compute_dtype!r}")
+
+    @staticmethod
+    def _check_value(policy: str, v, where: str) -> None:
+        if policy == "ratio" and not 0 < v < 1:
+            raise ValueError(f"{where} must be in (0, 1): the fraction of parameters removed "
+                             f"(0.2 keeps 80%), got {v!r}")
+        if policy == "energy" and not 0 < v <= 1:
+            raise ValueError(f"{where} must be in (0, 1]: the share of Σσ² kept, got {v!r}")
+        if policy == "alpha" and not 0 < v <= 1:
+            raise ValueError(f"{where} must be in (0, 1]: the rank as a fraction of min(d_in, d_out), "
+                             f"got {v!r}")
+        if policy == "budget":
+            ok = (isinstance(v, float) and 0 < v < 1) or (
+                float(v).is_integer() and v >= 1)
+            if not ok:
+                raise ValueError(f"{where} must be an int >= 1 (parameters kept) or a float in (0, 1) "
+                                 f"(fraction of the target layers' parameters kept), got {v!r}")
+
+    @property
+    def policy(self) -> str:
+        """The rank policy that is set: one of ratio, energy, alpha, budget."""
+        return next(p for p in POLICIES if getattr(self, p) is not None)
+
+    @property
+    def policy_value(self) -> float:
+        return getattr(self, self.policy)
+
+    @property
+    def torch_dtype(self) -> torch.dtype | None:
+        return None if self.dtype is None else DTYPES[self.dtype]
+
+    @property
+    def torch_compute_dtype(self) -> torch.dtype:
+        return DTYPES[self.compute_dtype]
+
+    def to_dict(self) -> dict:
+        return asdict(self)

@@ -1,0 +1,189 @@
+"""Load a causal LM and its tokenizer: `load_model(name_or_path) -> (model, tokenizer)`.
+
+`name_or_path` is one of
+- an alias in `MODEL_ALIASES` (default `smollm2-135m`: SmolLM2-135M-Instruct from a Q4_1 GGUF
+  in the package registry, see `hylorada.assets`). The GGUF is dequantized and converted ONCE
+  into a plain safetensors transformers folder in the cache (`<cache>/models/<alias>/`), so
+  later loads take about a second instead of ~20 s;
+- a local transformers folder (has `config.json`);
+- a local `.gguf` file (dequantized by transformers; needs the `gguf` package);
+- a hub id such as `HuggingFaceTB/SmolLM2-135M` (only where a hub is reachable).
+
+The model is returned in eval mode, on `device`, with weights in `dtype`.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from . import assets
+
+log = logging.getLogger(__name__)
+
+# alias -> (asset key, GGUF member)
+MODEL_ALIASES: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("smollm2-135m-gguf", assets.SMOLLM2_GGUF_MEMBER),
+}
+STAMP = "hylorada_stamp.json"  # written last into a converted folder: file sizes and sha256s
+
+_DTYPES = {
+    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
+}
+
+
+def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return _DTYPES[str(dtype).lower().removeprefix("torch.")]
+    except KeyError:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {sorted(_DTYPES)}") from None
+
+
+def load_model(name_or_path: str | os.PathLike = "smollm2-135m", dtype: torch.dtype | str = torch.float32,
+               device: str | torch.device = "cpu"):
+    """Returns `(model, tokenizer)`; the model in eval mode on `device` with `dtype` weights."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dtype = resolve_dtype(dtype)
+    name = str(name_or_path)
+    t0 = time.perf_counter()
+    if name in MODEL_ALIASES:
+        folder = converted_folder(name)
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif Path(name).expanduser().is_dir():
+        folder = Path(name).expanduser()
+        if not (folder / "config.json").is_file():
+            raise FileNotFoundError(f"{folder} is not a transformers model folder (no config.json)")
+        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    elif name.lower().endswith(".gguf"):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise FileNotFoundError(f"no such GGUF file: {path}")
+        model, tokenizer = _load_gguf(path, dtype)
+    else:
+        if Path(name).exists() or name.startswith((".", "/", "~")):
+            raise FileNotFoundError(f"{name!r} is neither a model folder nor a .gguf file")
+        try:  # a hub id
+            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            tokenizer = AutoTokenizer.from_pretrained(name)
+        except OSError as e:
+            raise ValueError(
+                f"could not load {name!r}: it is not a known alias ({sorted(MODEL_ALIASES)}), a local "
+                f"folder or .gguf file, and the hub id could not be loaded ({e.__class__.__name__}: {e})"
+            ) from e
+    model.to(device=device, dtype=dtype)
+    model.eval()
+    log.info("loaded %s in %.1f s", name, time.perf_counter() - t0)
+    return model, tokenizer
+
+
+def _load_gguf(path: Path, dtype: torch.dtype):
+    """Dequantize a GGUF file with transformers (needs `gguf` and `accelerate`)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
+    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    return model, tokenizer
+
+
+def _plain_copy(model):
+    """A copy of a GGUF-loaded model rebuilt from its config without `quantization_config`
+    (transformers refuses to `save_pretrained` a GGUF-loaded model)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    cfg = model.config.to_dict()
+    cfg.pop("quantization_config", None)
+    cfg.pop("_name_or_path", None)
+    config = AutoConfig.for_model(**cfg)
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    missing, unexpected = plain.load_state_dict(model.state_dict(), strict=False)
+    # tied weights may be listed once; anything else is an error
+    tied = {k for k in missing if k.endswith("lm_head.weight") and getattr(config, "tie_word_embeddings", False)}
+    if set(missing) - tied or unexpected:
+        raise RuntimeError(f"state dict mismatch converting GGUF: missing {missing}, unexpected {unexpected}")
+    if tied:
+        plain.tie_weights()
+    return plain.eval()
+
+
+def _stamp_of(folder: Path) -> dict:
+    return {p.name: {"size": p.stat().st_size, "sha256": assets.sha256_file(p)}
+            for p in sorted(folder.iterdir()) if p.is_file() and p.name != STAMP}
+
+
+def _folder_ok(folder: Path, *, full: bool = True) -> bool:
+    """True if `folder` was fully written and its files match the stamp (sizes; sha256 if `full`)."""
+    stamp_path = folder / STAMP
+    if not stamp_path.is_file():
+        return False
+    try:
+        stamp = json.loads(stamp_path.read_text())
+        files = stamp["files"]
+        for name, info in files.items():
+            p = folder / name
+            if not p.is_file() or p.stat().st_size != info["size"]:
+                return False
+            if full and assets.sha256_file(p) != info["sha256"]:
+                return False
+    except (OSError, ValueError, KeyError, TypeError):
+        return False
+    return True
+
+
+def converted_folder(alias: str = "smollm2-135m", *, verify: bool = True) -> Path:
+    """The cached plain safetensors folder of a GGUF alias, converting it on first use.
+
+    A folder whose files do not match its stamp (sizes, and sha256 when `verify`) is removed and
+    converted again. Writes go to a temporary folder that is renamed into place when complete.
+    """
+    if alias not in MODEL_ALIASES:
+        raise KeyError(f"unknown model alias {alias!r}; known: {sorted(MODEL_ALIASES)}")
+    root = assets.cache_dir() / "models"
+    root.mkdir(parents=True, exist_ok=True)
+    folder = root / alias
+    if _folder_ok(folder, full=verify):
+        return folder
+    with assets.file_lock(root / f".{alias}.lock"):
+        if _folder_ok(folder, full=verify):  # another process converted it meanwhile
+            return folder
+        if folder.exists():
+            log.warning("cached model folder %s is incomplete or corrupt; converting again", folder)
+            shutil.rmtree(folder)
+        asset_key, member = MODEL_ALIASES[alias]
+        gguf = assets.fetch_member(asset_key, member)
+        t0 = time.perf_counter()
+        log.info("converting %s to a safetensors folder (once; ~30 s on CPU)", gguf.name)
+        model, tokenizer = _load_gguf(gguf, torch.float32)
+        plain = _plain_copy(model)
+        del model
+        tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=root))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700)
+        try:
+            plain.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            stamp = {"alias": alias, "source": member,
+                     "source_sha256": assets.get_asset(asset_key).members[member],
+                     "files": _stamp_of(tmp)}
+            (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
+            os.replace(tmp, folder)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
+        log.info("converted in %.1f s -> %s", time.perf_counter() - t0, folder)
+    return folder

@@ -1,0 +1,345 @@
+"""`hylorada tune`: Optuna search over an adapter's hyper-parameters; objective = validation loss.
+
+Search space (`suggest`):
+
+    lora_rank        categorical {4, 8, 16, 32} (those <= the largest rank the target layers allow)
+    alpha_ratio      categorical {0.5, 1, 2, 4};   lora_alpha = alpha_ratio x lora_rank
+    lora_plus_ratio  log-uniform [1, 32]           (LoRA+: B's lr = ratio x A's; 1 = plain)
+    lr               log-uniform [1e-5, 3e-3]
+    lora_dropout     uniform [0, 0.2]
+    gate_init        uniform [-3, 3]               (hylorada only; sigmoid input)
+    residual_init    uniform [-3, 3]               (hylorada only; sigmoid input)
+
+Each trial fine-tunes a fresh copy of the model on the train split for `steps` steps (cosine
+schedule, fixed `seed`: the same data order and init seed for every trial, so trials differ only
+by their hyper-parameters), evaluates the validation loss every `eval_every` steps and reports
+it (`trial.report`); a MedianPruner stops trials whose loss is worse than the median of earlier
+trials at the same step. The trial's value is the validation loss at the end of training.
+
+Sampler: TPE (seeded). Several workers (processes, machines) share one study through the storage
+URL (default `sqlite:///<out>/tune.db`; any URL Optuna accepts, e.g. postgresql://...) with
+`load_if_exists=True`. A worker that joins a study which already has trials (or runs beside
+another) draws its sampler seed from `seed`, the trial count and its process id, so two workers
+do not propose the same points; pass `sampler_seed` to fix it.
+
+At the end the best trial is printed and written to `<out>/best_config.json`:
+`adapter_config` (a HyLoRADAConfig dict), `train` (TrainConfig fields) and `finetune_args`, the
+`hylorada finetune` flags that reproduce it (see docs/BENCHMARK.md).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+log = logging.getLogger(__name__)
+
+RANK_CHOICES = (4, 8, 16, 32)
+ALPHA_RATIO_CHOICES = (0.5, 1.0, 2.0, 4.0)
+SEARCH_SPACE_DOC = __doc__
+
+
+@dataclass
+class TuneSettings:
+    method: str = "hylorada"
+    model: str = "smollm2-135m"
+    data: str = "shakespeare"
+    steps: int = 40
+    batch_size: int = 4
+    seq_len: int = 128
+    warmup_steps: int = 2
+    eval_every: int = 10
+    valid_blocks: int = 16
+    seed: int = 0
+    targets: str | list[str] = "all-linear"
+    dtype: str = "float32"
+    device: str = "cpu"
+    mixed_precision: str = "auto"
+
+    def to_dict(self) -> dict[str, Any]:
+        import dataclasses
+
+        return dataclasses.asdict(self)
+
+
+@dataclass
+class TuneResult:
+    study_name: str
+    storage: str
+    n_trials_total: int
+    n_complete: int
+    n_pruned: int
+    n_failed: int
+    best_trial: int | None
+    best_value: float | None
+    best_params: dict[str, Any] = field(default_factory=dict)
+    best_config_path: str | None = None
+    trial_numbers: list[int] = field(default_factory=list)  # the trials this call ran
+
+
+def default_storage(out_dir: str | os.PathLike) -> str:
+    return f"sqlite:///{Path(out_dir).resolve() / 'tune.db'}"
+
+
+def max_rank_allowed(model: nn.Module, targets) -> int:
+    from .layers import in_out_features
+    from .model import match_targets
+
+    return min(min(in_out_features(model.get_submodule(n))) for n in match_targets(model, targets))
+
+
+def suggest(trial, method: str, max_rank: int) -> dict[str, Any]:
+    """The hyper-parameters of one trial (the search space in the module docstring)."""
+    ranks = [r for r in RANK_CHOICES if r <= max_rank] or [max_rank]
+    p: dict[str, Any] = {
+        "lora_rank": trial.suggest_categorical("lora_rank", ranks),
+        "alpha_ratio": trial.suggest_categorical("alpha_ratio", list(ALPHA_RATIO_CHOICES)),
+        "lora_plus_ratio": trial.suggest_float("lora_plus_ratio", 1.0, 32.0, log=True),
+        "lr": trial.suggest_float("lr", 1e-5, 3e-3, log=True),
+        "lora_dropout": trial.suggest_float("lora_dropout", 0.0, 0.2),
+    }
+    if method == "hylorada":
+        p["gate_init"] = trial.suggest_float("gate_init", -3.0, 3.0)
+        p["residual_init"] = trial.suggest_float("residual_init", -3.0, 3.0)
+    return p
+
+
+def adapter_config_from_params(method: str, params: dict[str, Any], targets) -> dict[str, Any]:
+    """HyLoRADAConfig fields of a trial's parameters."""
+    cfg = {"method": method, "lora_rank": int(params["lora_rank"]),
+           "lora_alpha": float(params["alpha_ratio"]) * int(params["lora_rank"]),
+           "lora_dropout": float(params["lora_dropout"]),
+           "lora_plus_enabled": float(params["lora_plus_ratio"]) > 1.0,
+           "lora_plus_ratio": float(params["lora_plus_ratio"]), "target_modules": targets}
+    for key in ("gate_init", "residual_init"):
+        if key in params:
+            cfg[key] = float(params[key])
+    return cfg
+
+
+def _open_storage(url: str):
+    """An Optuna storage for `url`; SQLite gets a long busy timeout (workers wait for the lock)."""
+    import optuna
+
+    if url.startswith("sqlite:"):
+        path = url.removeprefix("sqlite:///")
+        if path and path != url:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return optuna.storages.RDBStorage(url, engine_kwargs={"connect_args": {"timeout": 120}})
+    return url
+
+
+def open_study(storage: str, study_name: str, sampler_seed: int | None, seed: int, n_startup_trials: int,
+               n_warmup_steps: int, retries: int = 8):
+    """Create or load the study (several workers may race to create it: retried)."""
+    import optuna
+
+    last: Exception | None = None
+    for attempt in range(retries):
+        try:
+            st = _open_storage(storage)
+            probe = optuna.create_study(storage=st, study_name=study_name, direction="minimize",
+                                        load_if_exists=True)
+            existing = len(probe.trials)
+            s_seed = sampler_seed
+            if s_seed is None:
+                s_seed = seed if existing == 0 else (seed * 1_000_003 + existing * 7919 + os.getpid()) % 2**31
+            sampler = optuna.samplers.TPESampler(seed=s_seed, n_startup_trials=n_startup_trials)
+            pruner = optuna.pruners.MedianPruner(n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
+            study = optuna.load_study(study_name=study_name, storage=st, sampler=sampler, pruner=pruner)
+            return study, s_seed
+        except Exception as e:  # noqa: BLE001 - table creation races between fresh workers
+            last = e
+            log.info("opening the study failed (%s), retrying", e)
+            time.sleep(0.2 + 0.3 * attempt)
+    raise RuntimeError(f"could not open Optuna study {study_name!r} at {storage}: {last}") from last
+
+
+def _prepare_data(tokenizer, settings: TuneSettings):
+    from .data import load_corpus, pack_blocks, token_stream
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    train_blocks = pack_blocks(token_stream(tokenizer, load_corpus(settings.data, "train")), settings.seq_len, pad)
+    valid = pack_blocks(token_stream(tokenizer, load_corpus(settings.data, "valid")), settings.seq_len, pad)
+    valid = {k: v[:settings.valid_blocks] for k, v in valid.items()}
+    return train_blocks, valid
+
+
+def run_tune(settings: TuneSettings | None = None, *, n_trials: int = 20, storage: str | None = None,
+             study_name: str | None = None, out_dir: str | os.PathLike = "runs/tune",
+             sampler_seed: int | None = None, n_startup_trials: int = 4,
+             model_factory: Callable[[], tuple[nn.Module, Any]] | None = None,
+             progress: bool = True, write_best: bool = True, print_summary: bool = True) -> TuneResult:
+    """Run `n_trials` trials of this worker against the (shared) study; returns a summary.
+
+    model_factory() -> (model, tokenizer): a fresh base model per trial (default:
+    hylorada.load_model(settings.model)). The tokenizer of the first call prepares the data.
+    progress: a progress bar and one line per trial; print_summary: the best trial at the end.
+    """
+    import optuna
+
+    from .config import HyLoRADAConfig
+    from .model import HyLoRADAModel
+    from .train import NonFiniteLossError, TrainConfig, train
+
+    settings = settings or TuneSettings()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    storage = storage or default_storage(out)
+    study_name = study_name or f"{settings.method}-{Path(str(settings.model)).name}-{Path(str(settings.data)).name}"
+    if settings.eval_every < 1 or settings.eval_every > settings.steps:
+        raise ValueError(f"eval_every={settings.eval_every} must be in [1, steps={settings.steps}]")
+
+    if model_factory is None:
+        from .loading import load_model
+
+        def model_factory():
+            return load_model(settings.model, dtype=settings.dtype, device=settings.device)
+
+    first_model, tokenizer = model_factory()
+    max_rank = max_rank_allowed(first_model, settings.targets)
+    train_blocks, valid_blocks = _prepare_data(tokenizer, settings)
+    spare = [first_model]
+
+    study, used_seed = open_study(storage, study_name, sampler_seed, settings.seed, n_startup_trials,
+                                  n_warmup_steps=settings.eval_every)
+    study.set_user_attr("settings", settings.to_dict()) if len(study.trials) == 0 else None
+    if progress:
+        print(f"study {study_name!r} at {storage}: {len(study.trials)} trial(s) so far; "
+              f"sampler seed {used_seed}; running {n_trials} trial(s)")
+    mine: list[int] = []
+
+    def objective(trial: optuna.Trial) -> float:
+        mine.append(trial.number)
+        params = suggest(trial, settings.method, max_rank)
+        acfg = adapter_config_from_params(settings.method, params, settings.targets)
+        model = spare.pop() if spare else model_factory()[0]
+        torch.manual_seed(settings.seed)
+        wrapped = HyLoRADAModel(model, HyLoRADAConfig(**acfg))
+        tcfg = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=params["lr"],
+                           warmup_steps=settings.warmup_steps, schedule="cosine", seed=settings.seed,
+                           eval_every=settings.eval_every, mixed_precision=settings.mixed_precision,
+                           log_every=0, progress=False)
+        trial.set_user_attr("adapter_config", acfg)
+        trial.set_user_attr("train", {"steps": tcfg.steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
+                                      "warmup_steps": tcfg.warmup_steps, "schedule": tcfg.schedule,
+                                      "seq_len": settings.seq_len, "seed": tcfg.seed})
+
+        def report(step: int, metrics: dict[str, Any]) -> None:
+            if "valid_loss" in metrics:
+                v = metrics["valid_loss"]
+                trial.report(v if math.isfinite(v) else float("inf"), step)
+                if trial.should_prune():
+                    raise optuna.TrialPruned(f"pruned at step {step} (valid loss {v:.4f})")
+
+        try:
+            result = train(wrapped, train_blocks, valid_blocks, tcfg, callback=report)
+        except NonFiniteLossError as e:
+            trial.set_user_attr("diverged", str(e))
+            raise optuna.TrialPruned(f"diverged: {e}") from None
+        finally:
+            del wrapped, model
+        final = result.valid_losses[-1]["loss"]
+        trial.set_user_attr("tokens_per_s", result.mean_tokens_per_s)
+        trial.set_user_attr("train_time_s", result.train_time_s)
+        if progress:
+            print(f"trial {trial.number}: valid loss {final:.4f}  {params}")
+        return final
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=n_trials, show_progress_bar=progress, gc_after_trial=True)
+    return summarize(study, storage, out if write_best else None, settings, mine, print_summary)
+
+
+def summarize(study, storage: str, out: Path | None, settings: TuneSettings, mine: list[int] | None = None,
+              progress: bool = True) -> TuneResult:
+    """Count the study's trials; print and (with `out`) write the best trial's config."""
+    from optuna.trial import TrialState
+
+    trials = study.get_trials(deepcopy=False)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    res = TuneResult(study_name=study.study_name, storage=storage, n_trials_total=len(trials),
+                     n_complete=len(complete), n_pruned=sum(t.state == TrialState.PRUNED for t in trials),
+                     n_failed=sum(t.state == TrialState.FAIL for t in trials), best_trial=None,
+                     best_value=None, trial_numbers=list(mine or []))
+    if not complete:
+        if progress:
+            print("no completed trial yet")
+        return res
+    best = min(complete, key=lambda t: t.value)
+    res.best_trial, res.best_value, res.best_params = best.number, best.value, dict(best.params)
+    doc = best_config(best, study.study_name, storage, settings)
+    if out is not None:
+        path = out / "best_config.json"
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(doc, indent=2) + "\n")
+        os.replace(tmp, path)
+        res.best_config_path = str(path)
+    if progress:
+        print(f"best trial {best.number}: valid loss {best.value:.4f} "
+              f"({res.n_complete} complete, {res.n_pruned} pruned, {res.n_failed} failed of {res.n_trials_total})")
+        for k, v in best.params.items():
+            print(f"  {k:<16} {v:.6g}" if isinstance(v, float) else f"  {k:<16} {v}")
+        print("reproduce with:\n  hylorada finetune " + " ".join(doc["finetune_args"]) + " --out DIR")
+        if doc["not_in_finetune_args"]:
+            print(f"  (hylorada finetune has no flag for {sorted(doc['not_in_finetune_args'])}: "
+                  "see adapter_config in best_config.json)")
+        if res.best_config_path:
+            print(f"written: {res.best_config_path}")
+    return res
+
+
+def finetune_options() -> set[str]:
+    """The option strings `hylorada finetune` accepts (empty when the command is missing)."""
+    import argparse
+
+    try:
+        from .commands import finetune
+    except ImportError:
+        return set()
+    sub = argparse.ArgumentParser().add_subparsers()
+    return set(finetune.add_parser(sub)._option_string_actions)
+
+
+def best_config(trial, study_name: str, storage: str, settings: TuneSettings) -> dict[str, Any]:
+    """The JSON written for the best trial, with the `hylorada finetune` flags that reproduce it.
+
+    Settings that `hylorada finetune` has no flag for are listed under `not_in_finetune_args`."""
+    acfg = trial.user_attrs.get("adapter_config") or adapter_config_from_params(
+        settings.method, trial.params, settings.targets)
+    tr = trial.user_attrs.get("train", {})
+    targets = acfg.get("target_modules")
+    wanted: list[tuple[str, list[str]]] = [
+        ("--model", [str(settings.model)]), ("--method", [acfg["method"]]), ("--data", [str(settings.data)]),
+        ("--rank", [str(acfg["lora_rank"])]), ("--alpha", [f"{acfg['lora_alpha']:g}"]),
+        ("--dropout", [f"{acfg['lora_dropout']:.6g}"]),
+        ("--target-modules", [targets] if isinstance(targets, str) else list(targets or [])),
+        ("--lr", [f"{tr.get('lr', trial.params['lr']):.6g}"]), ("--steps", [str(tr.get("steps", settings.steps))]),
+        ("--seq-len", [str(settings.seq_len)]), ("--batch-size", [str(settings.batch_size)]),
+        ("--warmup-steps", [str(settings.warmup_steps)]), ("--seed", [str(settings.seed)])]
+    if acfg.get("lora_plus_enabled"):
+        wanted.append(("--lora-plus-ratio", [f"{acfg['lora_plus_ratio']:.6g}"]))
+    for key in ("gate_init", "residual_init"):
+        if key in acfg:
+            wanted.append((f"--{key.replace('_', '-')}", [f"{acfg[key]:.6g}"]))
+    known = finetune_options()
+    args: list[str] = []
+    missing: dict[str, Any] = {}
+    for flag, vals in wanted:
+        if not vals:
+            continue
+        if flag in known:
+            args += [flag, *vals]
+        else:
+            missing[flag] = vals if len(vals) > 1 else vals[0]
+    return {"study": study_name, "storage": storage, "trial": trial.number, "valid_loss": trial.value,
+            "params": dict(trial.params), "adapter_config": acfg, "train": tr, "settings": settings.to_dict(),
+            "finetune_args": args, "not_in_finetune_args": missing}

