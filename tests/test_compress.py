@@ -531,3 +531,40 @@ def test_precomputed_grams_give_the_same_compression():
     assert rep_a.calib_tokens == rep_b.calib_tokens == 48
     for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
         assert na == nb and torch.equal(pa, pb)
+
+
+# ---------------------------------------------------------------- fast paths vs their references
+@pytest.mark.parametrize("shape", [(48, 20), (20, 48), (32, 32)])
+def test_gram_solver_matches_full_svd(shape):
+    from hylorada.compress.svd import svd as _svd
+    torch.manual_seed(0)
+    M = torch.randn(*shape, dtype=torch.float64) @ torch.diag(torch.logspace(0, -3, shape[1], dtype=torch.float64))
+    U, S, Vh = _svd(M, 7, "gram")
+    U2, S2, Vh2 = _svd(M, 7, "full")
+    assert torch.allclose(S, S2, rtol=1e-8, atol=1e-12)
+    assert torch.allclose((U * S[:7]) @ Vh, (U2[:, :7] * S2[:7]) @ Vh2[:7], atol=1e-10)
+
+
+def test_mixed_precision_grams_match_exact():
+    from hylorada.compress.api import find_target_layers
+    from hylorada.compress.whiten import collect_grams
+    model = tiny_llama()
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    targets = find_target_layers(model)
+    exact = collect_grams(model, targets, calib, batch_size=2)
+    mixed = collect_grams(model, targets, calib, batch_size=2, precision="mixed")
+    for name in targets:
+        assert exact[name].n_tokens == mixed[name].n_tokens
+        assert torch.allclose(mixed[name].G, exact[name].G, rtol=1e-5, atol=1e-6)
+    with pytest.raises(ValueError, match="calib_precision"):
+        CompressConfig(method="whiten", ratio=0.2, calib_precision="half")
+
+
+def test_whiten_with_gram_solver_equals_full_solver():
+    calib = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    reports = []
+    for solver in ("full", "gram"):
+        model = tiny_llama()
+        reports.append(compress_model(model, CompressConfig(method="whiten", ratio=0.3, svd_solver=solver), calib))
+    for a, b in zip(reports[0].layers, reports[1].layers):
+        assert a.rank == b.rank and abs(a.energy_kept - b.energy_kept) < 1e-9

@@ -260,11 +260,12 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
     if config.method == "whiten" and grams is not None:
         if not any(n in grams for n in targets):
             raise ValueError("grams: no statistics for any target layer (names differ?)")
+        grams = dict(grams)  # entries are released below; the caller's dict stays whole
         calib_tokens = max((g.n_tokens for g in grams.values()), default=0)
     elif config.method == "whiten":
         grams = collect_grams(model, targets, calibration, batch_size=config.calib_batch_size,
                               n_blocks=config.calib_blocks, seq_len=config.calib_seq_len,
-                              progress=progress)
+                              progress=progress, precision=config.calib_precision)
         calib_tokens = max((g.n_tokens for g in grams.values()), default=0)
     else:
         grams = {}
@@ -318,6 +319,21 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
     if progress:
         from tqdm.auto import tqdm
         items = tqdm(list(items), desc="factorising", unit="layer")
+    # free each Gram matrix and its whitening factor after the last layer that uses it (a 7B
+    # model's float64 Grams alone take ~44 GB; their factors would double that)
+    uses: dict[int, int] = {}
+    for g in (grams.get(n) for n in targets):
+        if g is not None:
+            uses[id(g)] = uses.get(id(g), 0) + 1
+
+    def release(name: str) -> None:
+        g = grams.pop(name, None)
+        if g is not None:
+            uses[id(g)] -= 1
+            if uses[id(g)] == 0:
+                factors.pop(id(g), None)
+        chosen.pop(name, None)
+
     reports: list[LayerReport] = []
     for name, layer in items:
         spec = by_name[name]
@@ -342,6 +358,7 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
             reports.append(LayerReport(**common, rank=None, params_after=p_before,
                                        bytes_after=p_before * bytes_el, energy_kept=1.0,
                                        dropped_energy=0.0, dense=True, reason=dec.reason))
+            release(name)
             continue
         k = dec.rank
         if wh is not None and k > wh.rank:
@@ -368,6 +385,7 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
                                    dropped_energy=f.dropped_energy(), dense=False, reason="",
                                    whitening=wh.describe() if wh is not None else ""))
         del W, f, svd_once
+        release(name)
     del grams, factors, chosen
     model_params_after, model_bytes_after = stored_size(model)
     return CompressReport(

@@ -7,7 +7,7 @@ import torch
 
 from .ranks import POLICIES
 from .svd import SOLVERS
-from .whiten import WHITEN_METHODS
+from .whiten import CALIB_PRECISIONS, WHITEN_METHODS
 
 METHODS = ("svd", "whiten")
 BUDGET_ENERGY = ("relative", "absolute")
@@ -55,10 +55,13 @@ class CompressConfig:
         Conv1D inside the decoder layers. lm_head and embeddings are never targets.
     overrides: name piece -> value for matching layers (longest matching key wins): a float in
         the policy's unit (a ratio under "budget"), an int rank, or "dense".
-    svd_solver: "full" or "randomized" (oversample, n_iter power iterations, seed).
+    svd_solver: "full", "randomized" (oversample, n_iter power iterations, seed) or "gram"
+        (eigen-decomposition of the smaller Gram matrix; fastest on a GPU).
     whiten_method: "cholesky" (jitter·tr(G)/n on failure, x10 per retry) or "eigh".
     calib_blocks / calib_seq_len: use at most this many calibration blocks / tokens per block.
     calib_batch_size: blocks per calibration forward pass.
+    calib_precision: "exact" (float64 products) or "mixed" (per-batch products in the activation
+        dtype with float32 accumulation, summed in float64; the fast GPU setting).
     force: factorise layers even when the rank saves nothing (break-even guard off).
     dtype: storage dtype of the factors (None: each layer's own); compute_dtype: of the SVD and
         whitening (float64 by default).
@@ -80,6 +83,7 @@ class CompressConfig:
     calib_blocks: int | None = None
     calib_seq_len: int | None = None
     calib_batch_size: int = 4
+    calib_precision: str = "exact"
     force: bool = False
     dtype: str | None = None
     compute_dtype: str = "float64"
@@ -127,6 +131,9 @@ class CompressConfig:
                 raise ValueError(f"{where} must be a float, an int rank or 'dense', got {val!r}")
         if self.svd_solver not in SOLVERS:
             raise ValueError(f"CompressConfig.svd_solver must be one of {SOLVERS}, got {self.svd_solver!r}")
+        if self.calib_precision not in CALIB_PRECISIONS:
+            raise ValueError(f"CompressConfig.calib_precision must be one of {CALIB_PRECISIONS}, "
+                             f"got {self.calib_precision!r}")
         if self.whiten_method not in WHITEN_METHODS:
             raise ValueError(f"CompressConfig.whiten_method must be one of {WHITEN_METHODS}, "
                              f"got {self.whiten_method!r}")

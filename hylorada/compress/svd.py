@@ -12,6 +12,13 @@ Two solvers:
   singular values are not lost to rounding. Cost O(m n (k + p) (2q + 2)) instead of
   O(m n min(m, n)); only the top k + p singular values are estimated.
 
+- "gram": the eigen-decomposition of the smaller Gram matrix (MᵀM or MMᵀ): σ_i² are its
+  eigenvalues, the other side's vectors follow by one product (U_k = M V_k Σ_k⁻¹). On a GPU
+  `eigh` is several times faster than `svd` (cuSOLVER syevd vs gesvd); squaring the condition
+  number costs relative accuracy only in singular values below sqrt(eps)·σ_max, which the kept
+  energy and the top-k factors do not depend on (the benchmark checks the kept energy against
+  the "full" path).
+
 Computation runs in `compute_dtype` (float64 by default) and the factors are cast back to the
 requested dtype (the input's by default).
 """
@@ -21,7 +28,7 @@ from dataclasses import dataclass
 
 import torch
 
-SOLVERS = ("full", "randomized")
+SOLVERS = ("full", "randomized", "gram")
 
 
 @dataclass
@@ -91,7 +98,23 @@ def svd(M: torch.Tensor, k: int, solver: str = "full", oversample: int = 10, n_i
     _check_solver(solver)
     if solver == "full":
         return torch.linalg.svd(M, full_matrices=False)
+    if solver == "gram":
+        return gram_svd(M, k)
     return randomized_svd(M, k + oversample, n_iter=n_iter, generator=generator)
+
+
+def gram_svd(M: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """U (m x k), S (all min(m, n) singular values), Vh (k x n) of M from `eigh` of the smaller
+    Gram matrix. Directions with σ = 0 get a zero vector (their factor contributes nothing)."""
+    m, n = M.shape
+    tall = m >= n
+    evals, vecs = torch.linalg.eigh(M.mT @ M if tall else M @ M.mT)
+    S = evals.flip(0).clamp_min(0).sqrt()
+    top = vecs[:, -k:].flip(1) if k else vecs[:, :0]
+    inv = torch.where(S[:k] > 0, 1.0 / S[:k].clamp_min(torch.finfo(S.dtype).tiny), torch.zeros_like(S[:k]))
+    if tall:  # V_k = top, U_k = M V_k / σ
+        return (M @ top) * inv, S, top.mT
+    return top, S, (top.mT @ M) * inv[:, None]
 
 
 def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int

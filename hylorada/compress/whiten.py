@@ -39,6 +39,9 @@ from .svd import SVDFactors, factors_from_svd, svd
 log = logging.getLogger(__name__)
 
 WHITEN_METHODS = ("cholesky", "eigh")
+# "exact": every product xᵀx in float64; "mixed": per-batch products in the activation dtype with
+# float32 accumulation (tensor cores on a GPU), summed over batches in float64.
+CALIB_PRECISIONS = ("exact", "mixed")
 
 
 # --------------------------------------------------------------------------------------------
@@ -63,9 +66,12 @@ class GramCollector:
     """
 
     def __init__(self, modules: Mapping[str, nn.Module], dtype: torch.dtype = torch.float64,
-                 share_inputs: bool = True) -> None:
+                 share_inputs: bool = True, precision: str = "exact") -> None:
+        if precision not in CALIB_PRECISIONS:
+            raise ValueError(f"precision must be one of {CALIB_PRECISIONS}, got {precision!r}")
         self.modules = dict(modules)
         self.dtype = dtype
+        self.precision = precision
         self.share_inputs = share_inputs
         self.leader: dict[str, str] = {}          # module name -> name owning its Gram
         self.sums: dict[str, torch.Tensor] = {}   # leader -> Σ x xᵀ
@@ -122,12 +128,16 @@ class GramCollector:
                 raise RuntimeError(
                     f"{name} shared its input with {leader} on the first calibration batch but not "
                     "now; collect with share_inputs=False")
-            rows = self._rows(x.detach(), d_in).to(self.dtype)
+            rows = self._rows(x.detach(), d_in)
             acc = self.sums.get(name)
             if acc is None:
                 acc = self.sums[name] = torch.zeros(d_in, d_in, dtype=self.dtype, device=rows.device)
                 self.counts[name] = 0
-            acc.addmm_(rows.mT, rows)
+            if self.precision == "mixed":
+                acc.add_(batch_gram(rows))
+            else:
+                rows = rows.to(self.dtype)
+                acc.addmm_(rows.mT, rows)
             self.counts[name] += rows.shape[0]
             self._last = (x, x._version, name)
             return None
@@ -147,6 +157,19 @@ class GramCollector:
                 by_leader[leader] = Gram(self.sums[leader] / max(n, 1), n)
             out[name] = by_leader[leader]
         return out
+
+
+def batch_gram(rows: torch.Tensor) -> torch.Tensor:
+    """xᵀx of one batch for the "mixed" precision: half-precision inputs multiplied on the tensor
+    cores with float32 accumulation (their products are exact in float32), float32 inputs in
+    float32; the caller sums batches in float64."""
+    if rows.is_cuda and rows.dtype in (torch.bfloat16, torch.float16):
+        try:
+            return torch.mm(rows.mT, rows, out_dtype=torch.float32)
+        except (TypeError, RuntimeError):  # torch without mm(out_dtype=)
+            pass
+    rows = rows.float()
+    return rows.mT @ rows
 
 
 def iter_batches(calibration, batch_size: int, n_blocks: int | None = None,
@@ -181,7 +204,7 @@ def iter_batches(calibration, batch_size: int, n_blocks: int | None = None,
 def collect_grams(model: nn.Module, modules: Mapping[str, nn.Module], calibration,
                   batch_size: int = 4, n_blocks: int | None = None, seq_len: int | None = None,
                   dtype: torch.dtype = torch.float64, share_inputs: bool = True,
-                  progress: bool = False) -> dict[str, Gram]:
+                  progress: bool = False, precision: str = "exact") -> dict[str, Gram]:
     """Run `model` over the calibration blocks (eval mode, no cache) and return the input Gram
     of every module in `modules`."""
     device = next(model.parameters()).device
@@ -192,7 +215,7 @@ def collect_grams(model: nn.Module, modules: Mapping[str, nn.Module], calibratio
     was_training = model.training
     model.eval()
     try:
-        with GramCollector(modules, dtype=dtype, share_inputs=share_inputs) as collector:
+        with GramCollector(modules, dtype=dtype, share_inputs=share_inputs, precision=precision) as collector:
             for ids, mask in batches:
                 ids = ids.to(device)
                 mask = None if mask is None else mask.to(device)
