@@ -64,6 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--recover-schedule", default="sequential", choices=["sequential", "joint"])
     p.add_argument("--recover-methods", default="whiten",
                    help="compression methods that get a recovery run (default: %(default)s; 'all')")
+    p.add_argument("--throughput-devices", default=None,
+                   help="devices for forward tokens/s, comma-separated (default: --device, and cpu too "
+                        "when --device is not cpu)")
     p.add_argument("--throughput-seq-len", type=int, default=512)
     p.add_argument("--throughput-batch-size", type=int, default=1)
     p.add_argument("--throughput-batches", type=int, default=5)
@@ -96,10 +99,19 @@ def main(argv=None) -> int:
 
     dense, tokenizer = load_model(args.model, dtype=args.dtype, device=device)
 
-    def throughput(model) -> float:
-        r = evaluate.throughput(model, seq_len=args.throughput_seq_len, batch_size=args.throughput_batch_size,
-                                n_batches=args.throughput_batches, device=device)
-        return r.tokens_per_s
+    tp_devices = [d for d in (args.throughput_devices or
+                              (args.device if device.type == "cpu" else f"{args.device},cpu")).split(",") if d]
+    args.throughput_devices = ",".join(tp_devices)
+
+    def throughput(model) -> dict[str, float]:
+        out = {}
+        for dev in tp_devices:
+            model.to(dev)
+            r = evaluate.throughput(model, seq_len=args.throughput_seq_len, batch_size=args.throughput_batch_size,
+                                    n_batches=args.throughput_batches, device=dev)
+            out[dev] = r.tokens_per_s
+        model.to(device)
+        return out
 
     def ppl(model) -> dict[str, float]:
         res = evaluate_corpora(model, tokenizer, corpora, args.eval_seq_len, max_eval, args.eval_batch_size,
@@ -113,7 +125,7 @@ def main(argv=None) -> int:
                  "mb": size.n_bytes / 2**20, "params": size.n_params, "target_removed": 0.0,
                  "model_removed": 0.0, "tokens_per_s": throughput(dense)}
     rows.append(dense_row)
-    log(f"dense {dense_row['ppl']} {dense_row['tokens_per_s']:.0f} tok/s")
+    log(f"dense {dense_row['ppl']} {dense_row['tokens_per_s']} tok/s")
 
     grams = None
     if "whiten" in methods:
@@ -137,7 +149,7 @@ def main(argv=None) -> int:
                    "target_removed": report.target_ratio, "model_removed": report.model_ratio,
                    "n_dense": report.n_dense, "compress_s": compress_s, "tokens_per_s": throughput(model)}
             log(f"{method} {ratio:.0%}: {row['ppl']} ({compress_s:.1f} s), {row['mb']:.1f} MB, "
-                f"{row['tokens_per_s']:.0f} tok/s")
+                f"{row['tokens_per_s']} tok/s")
             if args.recover_steps and method in recover_for:
                 t = time.perf_counter()
                 rec = recover_compressed(
@@ -190,12 +202,15 @@ def render(args, rows, corpora, seconds: float) -> str:
             f"({args.recover_schedule}), {args.recover_steps} steps of {args.recover_batch_size} x "
             f"{args.recover_seq_len} tokens of {args.recover_data} (train splits), lr {args.recover_lr}, "
             "merged back into the factors (ranks and size unchanged).")
-    lines.append(f"Throughput: forward tokens/s, batch {args.throughput_batch_size} x {args.throughput_seq_len}, "
-                 f"{args.dtype} weights, no_grad, mean of {args.throughput_batches} batches.")
+    devs = args.throughput_devices.split(",")
+    lines.append(f"Throughput: forward tokens/s on {', '.join(devs)}, batch {args.throughput_batch_size} x "
+                 f"{args.throughput_seq_len}, {args.dtype} weights, no_grad, {args.throughput_batches} batches "
+                 "after one warm-up.")
     head = "| ratio | method | " + " | ".join(f"{c} ppl" for c in corpora)
     if rec:
         head += " | " + " | ".join(f"{c} recovered" for c in corpora)
-    head += " | linears removed | model removed | size MB | tokens/s | vs dense |"
+    head += " | linears removed | model removed | size MB | " + " | ".join(
+        f"tokens/s {d} | vs dense" for d in devs) + " |"
     n_cols = head.count("|") - 1
     lines += ["", head, "|" + "---|" * n_cols]
     for r in rows:
@@ -203,8 +218,9 @@ def render(args, rows, corpora, seconds: float) -> str:
         cells += [fmt_ppl(r["ppl"].get(c)) for c in corpora]
         if rec:
             cells += [fmt_ppl((r["ppl_recovered"] or {}).get(c)) for c in corpora]
-        cells += [f"{100 * r['target_removed']:.1f}%", f"{100 * r['model_removed']:.1f}%", f"{r['mb']:.1f}",
-                  f"{r['tokens_per_s']:.0f}", f"{r['tokens_per_s'] / dense['tokens_per_s']:.2f}x"]
+        cells += [f"{100 * r['target_removed']:.1f}%", f"{100 * r['model_removed']:.1f}%", f"{r['mb']:.1f}"]
+        for d in devs:
+            cells += [f"{r['tokens_per_s'][d]:.0f}", f"{r['tokens_per_s'][d] / dense['tokens_per_s'][d]:.2f}x"]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", DESIGN_REFERENCE, ""]
     return "\n".join(lines)

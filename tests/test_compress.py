@@ -568,3 +568,34 @@ def test_whiten_with_gram_solver_equals_full_solver():
         reports.append(compress_model(model, CompressConfig(method="whiten", ratio=0.3, svd_solver=solver), calib))
     for a, b in zip(reports[0].layers, reports[1].layers):
         assert a.rank == b.rank and abs(a.energy_kept - b.energy_kept) < 1e-9
+
+
+def test_analyze_spectra_ranks_and_plot(tmp_path):
+    from hylorada.compress.analyze import analyze_model
+
+    model = tiny_llama()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    res = analyze_model(model, _calib(3, 16), model_name="tiny")
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())  # untouched
+    assert len(res.layers) == 14 and res.calib_tokens == 48
+    q = res.layers[0]
+    W = model.model.layers[0].self_attn.q_proj.weight.detach().double()
+    torch.testing.assert_close(q.plain, torch.linalg.svdvals(W))
+    assert q.ranks()[0.9] == rank_for_energy(q.plain, 0.9)
+    assert q.whitened is not None and q.ranks(True)[0.99] <= 32
+    md = res.to_markdown()
+    assert md.count("| model.layers.") == 14 and "break-even" in md
+    res.plot(tmp_path / "s.png")
+    assert (tmp_path / "s.png").read_bytes()[:4] == b"\x89PNG"
+    json.dumps(res.to_dict())
+
+
+def test_rank_multiple_rounds_down():
+    model = tiny_llama()
+    report = compress_model(model, CompressConfig(method="svd", ratio=0.2, rank_multiple=8))
+    assert all(r.rank % 8 == 0 and r.rank >= 8 for r in report.layers if not r.dense)
+    plain = compress_model(tiny_llama(), CompressConfig(method="svd", ratio=0.2))
+    for a, b in zip(report.layers, plain.layers):
+        assert a.dense or a.rank == max(8, b.rank - b.rank % 8)
+    with pytest.raises(ValueError, match="rank_multiple"):
+        CompressConfig(method="svd", ratio=0.2, rank_multiple=0)

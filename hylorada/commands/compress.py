@@ -2,7 +2,7 @@
 
     hylorada compress --model smollm2-135m --ratio 0.2 --method whiten --calib kjv \\
         --calib-blocks 64 --calib-seq-len 512 --out DIR \\
-        [--energy E | --alpha A | --budget P] [--solver full|randomized] \\
+        [--energy E | --alpha A | --budget P] [--solver full|randomized|gram] \\
         [--override mlp=0.3 --override self_attn=0.1] [--target q_proj --target mlp] \\
         [--recover-steps N --recover-method hylorada --recover-data kjv] \\
         [--eval kjv,shakespeare --max-eval-tokens N | --no-eval]
@@ -88,10 +88,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                    help="module name piece to compress (repeatable; default: every linear of the decoder layers)")
     g.add_argument("--override", action="append", type=_override, default=[],
                    help="NAME=VALUE per-module setting (repeatable): mlp=0.3, q_proj=64 (a rank), o_proj=dense")
-    g.add_argument("--solver", default="full", choices=["full", "randomized"])
+    g.add_argument("--solver", default="full", choices=["full", "randomized", "gram"])
     g.add_argument("--whiten-method", default="cholesky", choices=["cholesky", "eigh"])
+    g.add_argument("--calib-precision", default="exact", choices=["exact", "mixed"],
+                   help="Gram products in float64 (exact) or per batch in the activation dtype, summed in float64 (mixed; fast on a GPU)")
     g.add_argument("--factor-dtype", default=None, help="storage dtype of the factors (default: the model's)")
     g.add_argument("--force", action="store_true", help="factorise even layers whose rank saves nothing")
+    g.add_argument("--rank-multiple", type=int, default=1,
+                   help="round ranks down to a multiple of this (8 keeps GPU GEMMs aligned)")
     g.add_argument("--calib", default="kjv", help="calibration corpora, comma-separated (default: %(default)s)")
     g.add_argument("--calib-blocks", type=int, default=64, help="calibration blocks (default: %(default)s)")
     g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per block (default: %(default)s)")
@@ -186,7 +190,7 @@ def run(args: argparse.Namespace) -> int:
         policy = {"ratio": 0.2}
     try:
         config = CompressConfig(method=args.method, **policy, target_modules=args.target,
-                                overrides=dict(args.override), svd_solver=args.solver,
+                                overrides=dict(args.override), svd_solver=args.solver, calib_precision=args.calib_precision, rank_multiple=args.rank_multiple,
                                 whiten_method=args.whiten_method, calib_blocks=args.calib_blocks,
                                 calib_seq_len=args.calib_seq_len, calib_batch_size=args.calib_batch_size,
                                 force=args.force, dtype=args.factor_dtype, seed=args.seed)

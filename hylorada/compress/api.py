@@ -361,6 +361,10 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
             release(name)
             continue
         k = dec.rank
+        if config.rank_multiple > 1:
+            k = max(config.rank_multiple, k - k % config.rank_multiple)
+            if k != dec.rank:
+                common["policy"] = f"{dec.policy}; rounded down to a multiple of {config.rank_multiple}"
         if wh is not None and k > wh.rank:
             k = wh.rank
             common["policy"] = f"{dec.policy}; capped at whitening rank {wh.rank}"

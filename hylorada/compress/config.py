@@ -63,6 +63,9 @@ class CompressConfig:
     calib_precision: "exact" (float64 products) or "mixed" (per-batch products in the activation
         dtype with float32 accumulation, summed in float64; the fast GPU setting).
     force: factorise layers even when the rank saves nothing (break-even guard off).
+    rank_multiple: round every chosen rank down to a multiple of this (at least one multiple);
+        8 keeps bf16/fp16 GEMMs aligned for tensor cores (odd ranks run several times slower on
+        a GPU). Rounding down only removes more parameters.
     dtype: storage dtype of the factors (None: each layer's own); compute_dtype: of the SVD and
         whitening (float64 by default).
     """
@@ -85,6 +88,7 @@ class CompressConfig:
     calib_batch_size: int = 4
     calib_precision: str = "exact"
     force: bool = False
+    rank_multiple: int = 1
     dtype: str | None = None
     compute_dtype: str = "float64"
     seed: int = 0
@@ -150,6 +154,8 @@ class CompressConfig:
                              f"got {self.calib_batch_size!r}")
         if not _is_number(self.jitter) or not self.jitter > 0:
             raise ValueError(f"CompressConfig.jitter must be > 0, got {self.jitter!r}")
+        if not isinstance(self.rank_multiple, int) or isinstance(self.rank_multiple, bool) or self.rank_multiple < 1:
+            raise ValueError(f"CompressConfig.rank_multiple must be an int >= 1, got {self.rank_multiple!r}")
         if not isinstance(self.force, bool):
             raise ValueError(f"CompressConfig.force must be a bool, got {self.force!r}")
         self.dtype = _dtype_name(self.dtype, "dtype")

@@ -76,6 +76,7 @@ class GramCollector:
         self.leader: dict[str, str] = {}          # module name -> name owning its Gram
         self.sums: dict[str, torch.Tensor] = {}   # leader -> Σ x xᵀ
         self.counts: dict[str, int] = {}
+        self._final: dict[str, Gram] = {}
         self._mask: torch.Tensor | None = None
         self._last: tuple[torch.Tensor, int, str] | None = None  # (input, its _version, leader)
         self._handles: list = []
@@ -145,17 +146,19 @@ class GramCollector:
         return hook
 
     def grams(self) -> dict[str, Gram]:
-        """name -> Gram (the mean x xᵀ); members of a shared group get the same object."""
+        """name -> Gram (the mean x xᵀ); members of a shared group get the same object.
+
+        The sums are divided in place (no second copy of every Gram matrix in memory), so
+        collection ends here: later calls return the same Gram objects."""
         out: dict[str, Gram] = {}
-        by_leader: dict[str, Gram] = {}
         for name in self.modules:
             leader = self.leader.get(name)
             if leader is None or leader not in self.sums:
                 continue
-            if leader not in by_leader:
+            if leader not in self._final:
                 n = self.counts[leader]
-                by_leader[leader] = Gram(self.sums[leader] / max(n, 1), n)
-            out[name] = by_leader[leader]
+                self._final[leader] = Gram(self.sums[leader].div_(max(n, 1)), n)
+            out[name] = self._final[leader]
         return out
 
 
