@@ -495,10 +495,23 @@ def _proc_status_kb(field_name: str) -> int | None:
     return int(m.group(1)) if m else None
 
 
+def _malloc_trim() -> None:
+    """glibc keeps freed memory in its arenas (RSS stays high); malloc_trim returns it to the OS."""
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 class PeakMemory:
     """Peak memory of a block: CUDA max_memory_allocated, or on CPU the peak resident set size
-    above the RSS at the start (Linux: VmHWM reset through /proc/self/clear_refs; elsewhere
-    the growth of the process's lifetime peak ru_maxrss, a lower bound)."""
+    above the RSS at the start (after gc and malloc_trim; Linux: VmHWM reset through
+    /proc/self/clear_refs; elsewhere the growth of the process's lifetime peak ru_maxrss, a
+    lower bound)."""
 
     def __init__(self, device: torch.device) -> None:
         self.device = device
@@ -512,6 +525,7 @@ class PeakMemory:
             self.kind = "cuda_max_allocated"
             return self
         gc.collect()
+        _malloc_trim()  # give freed heap memory back, so that the RSS baseline is what is in use
         self._rss0 = _proc_status_kb("VmRSS")
         try:
             Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM to the current RSS
@@ -552,12 +566,16 @@ class CellRunner:
         self._cache: dict[Any, Any] = {}
 
     # ---- data -------------------------------------------------------------------------------
-    def load(self):
-        from .loading import load_model
+    def load(self) -> nn.Module:
+        """A fresh copy of the base model on the device (loaded from disk once per process)."""
+        if "pristine" not in self._cache:
+            from .loading import load_model
 
-        model, tok = load_model(self.cfg.model, dtype=self.cfg.dtype, device=self.device)
-        self._tokenizer = self._tokenizer or tok
-        return model
+            model, tok = load_model(self.cfg.model, dtype=self.cfg.dtype, device="cpu")
+            self._tokenizer = self._tokenizer or tok
+            self._cache["pristine"] = model
+        model = copy.deepcopy(self._cache["pristine"]).to(self.device)
+        return model.eval()
 
     @property
     def tokenizer(self):

@@ -293,6 +293,11 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
             else:
                 if id(g) not in factors:
                     factors[id(g)] = whitening_factor(g.G.to(cdt), config.whiten_method, config.jitter)
+                    d_in = g.G.shape[0]
+                    if g.n_tokens < 4 * d_in:
+                        notes.append(f"{name}: only {g.n_tokens:,} calibration tokens for {d_in} input "
+                                     "features; the whitening sees too small a subspace (use more "
+                                     "calibration tokens, at least several times d_in)")
                 wh = factors[id(g)]
         chosen[name] = wh
         return wh
@@ -586,6 +591,7 @@ def recover_compressed(model: nn.Module, train_blocks: dict, *, method: str = "h
                 lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * lora_rank))
     acfg.update(adapter_config or {})
     was_training = model.training
+    device = next(model.parameters()).device  # the trainer may move the model to its accelerator
     grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
     before = stored_size(model)
     summary: dict = {"method": method, "schedule": schedule if targets == "factors" else "joint",
@@ -606,6 +612,7 @@ def recover_compressed(model: nn.Module, train_blocks: dict, *, method: str = "h
             "mean_tokens_per_s": result.mean_tokens_per_s})
     for n, p in model.named_parameters():
         p.requires_grad_(grad_flags.get(n, True))
+    model.to(device)
     model.train(was_training)
     after = stored_size(model)
     summary.update(params_before=before[0], params_after=after[0], bytes_before=before[1],

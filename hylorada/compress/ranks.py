@@ -236,7 +236,7 @@ def allocate_budget(specs: list[LayerSpec], spectra: list[torch.Tensor], budget:
                          "(rank 1 everywhere) for these layers")
     energies = []
     for s, spec in zip(spectra, specs):
-        e = s.double().square()
+        e = s.detach().double().cpu().square()
         tot = float(e.sum())
         energies.append(e / tot if (relative and tot > 0) else e)
     # flat candidate list: layer index, rank j (2..kmax), score, cost
