@@ -49,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-blocks", type=int, default=64)
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--calib-batch-size", type=int, default=8)
-    p.add_argument("--solver", default="full", choices=["full", "randomized"])
+    p.add_argument("--solver", default="full", choices=["full", "randomized", "gram"])
     p.add_argument("--eval", default="kjv,shakespeare")
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--max-eval-tokens", type=int, default=51200, help="first N test tokens (0: all)")
