@@ -94,7 +94,7 @@ class BenchConfig:
     device: str = "cpu"
     seeds: int = 1
     # fine-tuning (adaptation rows and recovery)
-    steps: int = 16
+    steps: int = 12
     batch_size: int = 4
     seq_len: int = 128
     lr: float = 1e-3
@@ -157,7 +157,7 @@ FULL_CAVEAT = (
 PRESETS: dict[str, dict[str, Any]] = {
     # ~15 minutes on a 2-core CPU with SmolLM2-135M (see docs/BENCHMARK.md for the arithmetic)
     "cpu-quick": dict(
-        seeds=1, steps=16, batch_size=4, seq_len=128, lr=1e-3, warmup_steps=2,
+        seeds=1, steps=12, batch_size=4, seq_len=128, lr=1e-3, warmup_steps=2,
         eval_max_tokens=3072, eval_batch_size=2, mixed_precision="no",
         ablations=["hylorada-kaiming", "dora-orthogonal"],
         ratios=[0.2], calib_blocks=16, calib_seq_len=256, caveat=CPU_QUICK_CAVEAT),

@@ -211,7 +211,8 @@ def run_tune(settings: TuneSettings | None = None, *, n_trials: int = 20, storag
 
     study, used_seed = open_study(storage, study_name, sampler_seed, settings.seed, n_startup_trials,
                                   n_warmup_steps=settings.eval_every)
-    study.set_user_attr("settings", settings.to_dict()) if len(study.trials) == 0 else None
+    if not study.trials:
+        study.set_user_attr("settings", settings.to_dict())
     if progress:
         print(f"study {study_name!r} at {storage}: {len(study.trials)} trial(s) so far; "
               f"sampler seed {used_seed}; running {n_trials} trial(s)")
