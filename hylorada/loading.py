@@ -53,7 +53,8 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 
 def load_model(name_or_path: str | os.PathLike = "smollm2-135m", dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu"):
-    """Returns `(model, tokenizer)`; the model in eval mode on `device` with `dtype` weights."""
+    """Returns `(model, tokenizer)`; the model in eval mode on `device` with `dtype` weights.
+    A folder written by `save_compressed` (it has compress.json) loads as the compressed model."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     dtype = resolve_dtype(dtype)
@@ -67,7 +68,11 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m", dtype: torch.dt
         folder = Path(name).expanduser()
         if not (folder / "config.json").is_file():
             raise FileNotFoundError(f"{folder} is not a transformers model folder (no config.json)")
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        if (folder / "compress.json").is_file():  # written by hylorada.compress.save_compressed
+            from .compress import load_compressed
+            model = load_compressed(folder, dtype=dtype)
+        else:
+            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     elif name.lower().endswith(".gguf"):
         path = Path(name).expanduser()

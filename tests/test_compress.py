@@ -599,3 +599,21 @@ def test_rank_multiple_rounds_down():
         assert a.dense or a.rank == max(8, b.rank - b.rank % 8)
     with pytest.raises(ValueError, match="rank_multiple"):
         CompressConfig(method="svd", ratio=0.2, rank_multiple=0)
+
+
+def test_load_model_recognises_a_compressed_folder(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from hylorada.loading import load_model
+    vocab = {f"w{i}": i for i in range(VOCAB)}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="w0", pad_token="w1", eos_token="w2")
+    model = tiny_llama()
+    compress_model(model, CompressConfig(method="svd", ratio=0.3))
+    save_compressed(model, tmp_path / "c", tokenizer=tok)
+    loaded, tok2 = load_model(tmp_path / "c")
+    assert any(isinstance(m, FactorizedLinear) for m in loaded.modules())
+    ids = torch.tensor([tok2("w5 w6 w7")["input_ids"]])
+    assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
