@@ -918,9 +918,13 @@ def render_markdown(res: dict[str, Any]) -> str:
     env = res["environment"]
     tokens = cfg["steps"] * cfg["batch_size"] * cfg["seq_len"]
     lines = [f"# hylorada benchmark — preset `{cfg['preset']}`", ""]
-    lines.append(f"Command: `{res.get('command') or 'hylorada benchmark --preset ' + cfg['preset']}`  ")
-    lines.append(f"Date: {env['date']} · device: {env['device_name']} (`{env['device']}`) · git "
-                 f"{(env.get('git_commit') or '?')[:12]}{' (dirty)' if env.get('git_dirty') else ''}  ")
+    made_by = res.get("commands") or [res.get("command") or "hylorada benchmark --preset " + cfg["preset"]]
+    lines.append(("Command: " if len(made_by) == 1 else "Commands: ") + ", ".join(f"`{c}`" for c in made_by) + "  ")
+    when = res.get("cell_dates") or [env["date"]] * 2
+    when_s = when[0] if when[0][:16] == when[1][:16] else f"{when[0]} to {when[1]}"
+    commits = res.get("cell_git_commits") or [env.get("git_commit") or "?"]
+    lines.append(f"Date: {when_s} · device: {env['device_name']} (`{env['device']}`) · git "
+                 f"{', '.join(c[:12] for c in commits)}{' (working tree had local changes)' if res.get('cell_git_dirty') or env.get('git_dirty') else ''}  ")
     v = env["versions"]
     lines.append("Versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + "  ")
     lines.append(f"Model `{cfg['model']}` ({cfg['dtype']}), data `{cfg['data']}` (train split for fine-tuning, "
@@ -1032,18 +1036,20 @@ def render_plots(res: dict[str, Any], out_dir: Path) -> list[str]:
     ad = [e for e in res["adaptation"] if e.get("test_ppl_mean") is not None]
     fig, axes = plt.subplots(1, 2, figsize=(13, 4.8))
     ax = axes[0]
-    if ad:
-        names = [e["row"] for e in ad]
-        means = [e["test_ppl_mean"] for e in ad]
-        errs = [e.get("test_ppl_std") or 0.0 for e in ad]
-        colors = ["#999999" if e["kind"] == "base" else "#d62728" if e["row"] == "hylorada" else
-                  "#1f77b4" if e["kind"] == "method" else "#2ca02c" if e["kind"] == "peft" else "#ff7f0e"
-                  for e in ad]
-        ax.bar(range(len(ad)), means, yerr=errs, color=colors, capsize=3)
-        ax.set_xticks(range(len(ad)), names, rotation=40, ha="right", fontsize=8)
-        lo, hi = min(means), max(m + e for m, e in zip(means, errs))
-        ax.set_ylim(max(0.0, lo - 0.15 * (hi - lo + 1e-9) - 0.02 * lo), hi + 0.1 * (hi - lo + 1e-9) + 0.01 * hi)
-        ax.set_ylabel("test perplexity (mean ± std over seeds)")
+    if ad:  # a dot plot (a bar chart with a cut axis would exaggerate small differences)
+        for i, e in enumerate(ad):
+            color = ("#999999" if e["kind"] == "base" else "#d62728" if e["row"] == "hylorada" else
+                     "#1f77b4" if e["kind"] == "method" else "#2ca02c" if e["kind"] == "peft" else "#ff7f0e")
+            std = e.get("test_ppl_std")
+            ax.errorbar([e["test_ppl_mean"]], [i], xerr=None if std is None else [std], fmt="o", color=color,
+                        capsize=4, ms=7)
+            vals = [v for v in (e.get("test_ppl_values") or []) if v is not None]
+            if len(vals) > 1:
+                ax.scatter(vals, [i] * len(vals), marker="|", color=color, s=80)
+        ax.set_yticks(range(len(ad)), [e["row"] for e in ad], fontsize=8)
+        ax.invert_yaxis()
+        ax.grid(True, axis="x", alpha=0.3)
+        ax.set_xlabel("test perplexity (dot: mean over seeds; bar: ± std; ticks: seeds)")
     ax.set_title(f"adaptation at matched budgets ({res['config']['preset']})")
     ax = axes[1]
     for e in ad:
@@ -1074,6 +1080,12 @@ def render_plots(res: dict[str, Any], out_dir: Path) -> list[str]:
                    facecolors=color if e["recovery"] else "none", edgecolors=color,
                    label=f"{e['compress_method']}{' + recovery' if e['recovery'] else ''}")
         ax.annotate(f"{e['ratio']:g}", (e["size_mb"], ppl), textcoords="offset points", xytext=(5, 4), fontsize=8)
+    for method, (color, _) in styles.items():
+        for rec in (False, True):
+            pts = sorted((e["size_mb"], _num(e["test_ppl"])) for e in fr
+                         if e["compress_method"] == method and e["recovery"] == rec)
+            if len(pts) > 1:
+                ax.plot(*zip(*pts), color=color, lw=1, ls="-" if rec else "--", alpha=0.6)
     handles, labels = ax.get_legend_handles_labels()
     uniq = dict(zip(labels, handles))
     if uniq:
@@ -1161,7 +1173,7 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, *,
                           "result": _jsonable(result), "seconds": time.perf_counter() - t0,
                           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                           "device": env["device"], "device_name": env["device_name"],
-                          "git_commit": env["git_commit"]}
+                          "git_commit": env["git_commit"], "git_dirty": env["git_dirty"], "command": command}
                 atomic_write_text(cell_path(out, c), json.dumps(record, indent=1) + "\n")
                 results[c.id] = record["result"]
                 if bar is not None:
@@ -1202,14 +1214,22 @@ def write_report(cfg: BenchConfig, out: Path, cells: list[Cell], results: dict[s
     for c in cells:
         stored = load_cell(out, c)
         if stored is not None:
-            cell_env[c.id] = {k: stored.get(k) for k in ("date", "device", "device_name", "git_commit", "seconds")}
+            cell_env[c.id] = {k: stored.get(k) for k in ("date", "device", "device_name", "git_commit", "git_dirty",
+                                                          "seconds", "command")}
     devices = sorted({v["device_name"] for v in cell_env.values() if v.get("device_name")})
     if devices:
         env["device_name"] = " + ".join(devices)
+    made_by = list(dict.fromkeys(v["command"] for v in cell_env.values() if v.get("command")))
+    dates = sorted(v["date"] for v in cell_env.values() if v.get("date"))
+    commits = list(dict.fromkeys(v["git_commit"] for v in cell_env.values() if v.get("git_commit")))
     res = {
         "schema_version": SCHEMA_VERSION,
         "preset": cfg.preset,
         "command": command,
+        "commands": made_by,
+        "cell_dates": [dates[0], dates[-1]] if dates else None,
+        "cell_git_commits": commits,
+        "cell_git_dirty": any(v.get("git_dirty") for v in cell_env.values()),
         "config": cfg.to_dict(),
         "environment": env,
         "budget": budget,
