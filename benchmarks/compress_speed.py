@@ -41,7 +41,7 @@ def bench_compress(args, device, rows) -> None:
         calib = torch.randint(0, SHAPES[shape]["vocab_size"], (args.calib_blocks, 1024), generator=g)
         targets = find_target_layers(model)
         probe = {n: m for n, m in targets.items()
-                 if n.startswith((f"model.layers.0.", f"model.layers.{n_layers - 1}."))}
+                 if n.startswith(("model.layers.0.", f"model.layers.{n_layers - 1}."))}
         # the exact reference: fp64 Gram products for the probed layers (not timed)
         exact = collect_grams(model, probe, calib, batch_size=8, dtype=torch.float64)
         weights = {n: m.weight.detach().clone() for n, m in probe.items()}

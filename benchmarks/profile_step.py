@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_speed import SHAPES, autocast, build_model, ours_config, train_step_fn  # noqa: E402
+from gpu_speed import SHAPES, build_model, ours_config, train_step_fn  # noqa: E402
 
 from hylorada import HyLoRADAModel  # noqa: E402
 

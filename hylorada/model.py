@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .adapters import ADAPTER_CLASSES, AdapterLayer, LoRaDALayer
+from .adapters import ADAPTER_CLASSES, AdapterLayer
 from .adapters.dora import direct_weight_norm
 from .compress.factorized import FactorizedLinear
 from .config import ALL_LINEAR, ATTENTION_TARGETS, HyLoRADAConfig

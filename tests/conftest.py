@@ -1,6 +1,10 @@
 """Tiny models built from configs in code (no hub), shared by every test module."""
 from __future__ import annotations
 
+import json
+import random
+from pathlib import Path
+
 import pytest
 import torch
 from transformers import AutoModelForCausalLM, GPT2Config, LlamaConfig, Qwen2Config
@@ -60,3 +64,42 @@ def arch(request) -> str:
 def input_ids() -> torch.Tensor:
     g = torch.Generator().manual_seed(123)
     return torch.randint(0, VOCAB, (2, 12), generator=g)
+
+
+# ---- a tiny model folder + tokenizer + corpus, for the CLI-level tests (benchmark, tune)
+WORDS = [f"w{i}" for i in range(100)]
+
+
+def make_tiny_assets(root: Path) -> tuple[str, str]:
+    """A tiny Llama + WordLevel tokenizer saved as a transformers folder, and a jsonl corpus."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "[PAD]": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
+    folder = root / "tiny-model"
+    tiny_llama().save_pretrained(folder)
+    fast.save_pretrained(folder)
+    rng = random.Random(0)
+    data = root / "tiny.jsonl"
+    with open(data, "w") as fh:
+        for _ in range(40):
+            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS[:30]) for _ in range(60))}) + "\n")
+    return str(folder), str(data)
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_assets(tmp_path, monkeypatch):
+    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
+    return make_tiny_assets(tmp_path)

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import json
 import math
-import random
-from pathlib import Path
 
 import pytest
 import torch
@@ -14,42 +12,7 @@ from hylorada import benchmark as bm
 from hylorada.benchmark import (ABLATIONS, KAIMING_ROW_NORM, BenchConfig, Cell, CellRunner, matched_ranks,
                                 plan_cells, run_benchmark, trainable_count)
 
-WORDS = [f"w{i}" for i in range(100)]
-
-
-def make_tiny_assets(root: Path) -> tuple[str, str]:
-    """A tiny Llama + WordLevel tokenizer saved as a transformers folder, and a jsonl corpus."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "[PAD]": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
-    folder = root / "tiny-model"
-    tiny_llama().save_pretrained(folder)
-    fast.save_pretrained(folder)
-    rng = random.Random(0)
-    data = root / "tiny.jsonl"
-    with open(data, "w") as fh:
-        for _ in range(40):
-            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS[:30]) for _ in range(60))}) + "\n")
-    return str(folder), str(data)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models run fastest on one thread (and do not fight other processes for the cores)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def tiny_assets(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
-    return make_tiny_assets(tmp_path)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def tiny_config(model: str, data: str, **kw) -> BenchConfig:

@@ -3,54 +3,17 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-import torch
 
-from conftest import tiny_llama
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 optuna = pytest.importorskip("optuna")
-
-WORDS = [f"w{i}" for i in range(100)]
-
-
-def make_tiny_assets(root: Path) -> tuple[str, str]:
-    """A tiny Llama + WordLevel tokenizer saved as a transformers folder, and a jsonl corpus."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"[UNK]": 0, "[PAD]": 1, "</s>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]", eos_token="</s>")
-    folder = root / "tiny-model"
-    tiny_llama().save_pretrained(folder)
-    fast.save_pretrained(folder)
-    rng = random.Random(0)
-    data = root / "tiny.jsonl"
-    with open(data, "w") as fh:
-        for _ in range(40):
-            fh.write(json.dumps({"text": " ".join(rng.choice(WORDS[:30]) for _ in range(60))}) + "\n")
-    return str(folder), str(data)
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def tiny_assets(tmp_path, monkeypatch):
-    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
-    return make_tiny_assets(tmp_path)
 
 
 def tune_args(model: str, data: str, out: Path, storage: str, n_trials: int, *extra: str) -> list[str]:
