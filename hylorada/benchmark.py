@@ -161,9 +161,10 @@ PRESETS: dict[str, dict[str, Any]] = {
         eval_max_tokens=3072, eval_batch_size=2, mixed_precision="no",
         ablations=["hylorada-kaiming", "dora-orthogonal"],
         ratios=[0.2], calib_blocks=16, calib_seq_len=256, caveat=CPU_QUICK_CAVEAT),
-    # one H100: SmolLM2 trains at ~29k tokens/s there; split it with --only into <= 10 min pieces
+    # one H100 (measured there at 150 steps: LoRA ~18k, HyLoRADA ~9k training tokens/s, ~40 min for
+    # the 46 cells): ~55 min at 200 steps, so it runs as --only pieces of <= 10 min (docs/BENCHMARK.md)
     "full": dict(
-        device="cuda", seeds=3, steps=300, batch_size=16, seq_len=256, lr=2e-4, warmup_steps=20,
+        device="cuda", seeds=3, steps=200, batch_size=16, seq_len=256, lr=2e-4, warmup_steps=20,
         eval_max_tokens=None, eval_batch_size=8, mixed_precision="auto",
         ablations=list(ABLATIONS), ratios=[0.2, 0.4, 0.6], calib_blocks=64, calib_seq_len=512,
         caveat=FULL_CAVEAT),
@@ -800,9 +801,10 @@ def _environment(device: str) -> dict[str, Any]:
     else:
         name = _cpu_name()
     dirty = _git("status", "--porcelain", "--untracked-files=no")
+    commit = _git("rev-parse", "HEAD") or os.environ.get("HYLORADA_GIT_COMMIT")  # a copy without .git
     return {"versions": versions, "device": str(dev), "device_name": name, "cpu_count": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "platform": platform.platform(),
-            "git_commit": _git("rev-parse", "HEAD"), "git_dirty": None if dirty is None else bool(dirty),
+            "git_commit": commit, "git_dirty": None if dirty is None else bool(dirty),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
 
 
@@ -918,15 +920,28 @@ def render_markdown(res: dict[str, Any]) -> str:
     env = res["environment"]
     tokens = cfg["steps"] * cfg["batch_size"] * cfg["seq_len"]
     lines = [f"# hylorada benchmark — preset `{cfg['preset']}`", ""]
-    made_by = res.get("commands") or [res.get("command") or "hylorada benchmark --preset " + cfg["preset"]]
-    lines.append(("Command: " if len(made_by) == 1 else "Commands: ") + ", ".join(f"`{c}`" for c in made_by) + "  ")
+    this = res.get("command") or "hylorada benchmark --preset " + cfg["preset"]
+    made_by = res.get("commands") or []
+    if made_by:
+        lines.append(("Command: " if len(made_by) == 1 else "Commands: ") + ", ".join(f"`{c}`" for c in made_by) + "  ")
+    elif res.get("cells"):
+        lines.append(f"Command: not recorded by the cells (this report: `{this}`)  ")
+    else:
+        lines.append(f"Command: `{this}`  ")
     when = res.get("cell_dates") or [env["date"]] * 2
     when_s = when[0] if when[0][:16] == when[1][:16] else f"{when[0]} to {when[1]}"
-    commits = res.get("cell_git_commits") or [env.get("git_commit") or "?"]
+    commits = res.get("cell_git_commits") or (["? (not recorded by the cells)"] if res.get("cells") else
+                                              [env.get("git_commit") or "?"])
     lines.append(f"Date: {when_s} · device: {env['device_name']} (`{env['device']}`) · git "
-                 f"{', '.join(c[:12] for c in commits)}{' (working tree had local changes)' if res.get('cell_git_dirty') or env.get('git_dirty') else ''}  ")
-    v = env["versions"]
-    lines.append("Versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + "  ")
+                 f"{', '.join(c if c.startswith('?') else c[:12] for c in commits)}{' (working tree had local changes)' if (res.get('cell_git_dirty') if res.get('cells') else env.get('git_dirty')) else ''}  ")
+    cell_versions = res.get("cell_versions") or []
+    if len(cell_versions) == 1 or not res.get("cells"):
+        v = cell_versions[0] if cell_versions else env["versions"]
+        lines.append("Versions: " + ", ".join(f"{k} {v[k]}" for k in v if v[k]) + "  ")
+    elif cell_versions:
+        lines.append(f"Versions: {len(cell_versions)} different sets among the cells (see `cells` in results.json)  ")
+    else:
+        lines.append("Versions: not recorded by the cells  ")
     lines.append(f"Model `{cfg['model']}` ({cfg['dtype']}), data `{cfg['data']}` (train split for fine-tuning, "
                  f"test split for perplexity; windows of {cfg['eval_seq_len']} tokens, "
                  f"{'the whole test split' if not cfg['eval_max_tokens'] else 'first ' + format(cfg['eval_max_tokens'], ',') + ' test tokens'}).")
@@ -1173,7 +1188,8 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, *,
                           "result": _jsonable(result), "seconds": time.perf_counter() - t0,
                           "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
                           "device": env["device"], "device_name": env["device_name"],
-                          "git_commit": env["git_commit"], "git_dirty": env["git_dirty"], "command": command}
+                          "git_commit": env["git_commit"], "git_dirty": env["git_dirty"], "command": command,
+                          "versions": env["versions"]}
                 atomic_write_text(cell_path(out, c), json.dumps(record, indent=1) + "\n")
                 results[c.id] = record["result"]
                 if bar is not None:
@@ -1215,10 +1231,11 @@ def write_report(cfg: BenchConfig, out: Path, cells: list[Cell], results: dict[s
         stored = load_cell(out, c)
         if stored is not None:
             cell_env[c.id] = {k: stored.get(k) for k in ("date", "device", "device_name", "git_commit", "git_dirty",
-                                                          "seconds", "command")}
+                                                          "seconds", "command", "versions")}
     devices = sorted({v["device_name"] for v in cell_env.values() if v.get("device_name")})
     if devices:
         env["device_name"] = " + ".join(devices)
+        env["device"] = ", ".join(sorted({v["device"] for v in cell_env.values() if v.get("device")}))
     made_by = list(dict.fromkeys(v["command"] for v in cell_env.values() if v.get("command")))
     dates = sorted(v["date"] for v in cell_env.values() if v.get("date"))
     commits = list(dict.fromkeys(v["git_commit"] for v in cell_env.values() if v.get("git_commit")))
@@ -1230,6 +1247,8 @@ def write_report(cfg: BenchConfig, out: Path, cells: list[Cell], results: dict[s
         "cell_dates": [dates[0], dates[-1]] if dates else None,
         "cell_git_commits": commits,
         "cell_git_dirty": any(v.get("git_dirty") for v in cell_env.values()),
+        "cell_versions": list({json.dumps(v["versions"], sort_keys=True): v["versions"]
+                               for v in cell_env.values() if v.get("versions")}.values()),
         "config": cfg.to_dict(),
         "environment": env,
         "budget": budget,

@@ -216,6 +216,11 @@ def test_real_tiny_run_results_schema(tiny_assets, tmp_path):
     for key in ("versions", "device", "device_name", "git_commit", "date"):
         assert key in env
     assert env["versions"]["torch"] == torch.__version__
+    assert on_disk["commands"] == ["hylorada benchmark (test)"] and len(on_disk["cell_dates"]) == 2
+    assert on_disk["cell_versions"] == [env["versions"]]
+    for rec in on_disk["cells"].values():  # every cell records where, when and how it was made
+        for key in ("date", "device", "device_name", "git_commit", "command", "versions", "seconds"):
+            assert key in rec, key
     assert on_disk["pending"] == [] and on_disk["n_cells"] == len(on_disk["cells"]) == 1 + 5 + 4
     rows = {e["row"]: e for e in on_disk["adaptation"]}
     assert list(rows) == ["base", "lora", "hylorada", "peft-lora", "peft-dora", "hylorada-gate-frozen"]
