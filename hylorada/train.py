@@ -239,6 +239,12 @@ def count_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None = No
     return int((_targets(labels, attention_mask) != IGNORE_INDEX).sum())
 
 
+def _clear_grads(params: list[nn.Parameter]) -> None:
+    """p.grad = None for every trainable parameter (the trainer owns the gradients)."""
+    for p in params:
+        p.grad = None
+
+
 def _logits(output: Any) -> torch.Tensor:
     return output.logits if hasattr(output, "logits") else output[0]
 
@@ -527,6 +533,7 @@ def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
     out_dir = Path(config.out_dir) if config.out_dir else None
 
     core.to(device)
+    _clear_grads(trainable)  # a stray backward before train() must not leak into step 1
     optimizer = build_optimizer(core, config)
     scheduler = build_scheduler(optimizer, config)
     sampler = BlockSampler(n_train, config.seed, config.shuffle)
@@ -720,6 +727,7 @@ def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
             if callback is not None:
                 callback(step, metrics)
     finally:
+        _clear_grads(trainable)  # after a NonFiniteLossError the NaN/inf grads must not stay
         if bar is not None:
             bar.close()
         core.train(was_training)

@@ -3,8 +3,6 @@ Shakespeare. Slow (a first run downloads ~100 MB and converts the GGUF once, ~1 
 cores; later runs ~30 s); .ci/run runs it."""
 from __future__ import annotations
 
-import math
-
 import pytest
 import torch
 
@@ -34,6 +32,11 @@ def test_model_shape_and_size(smollm2):
     assert tokenizer.eos_token_id is not None
 
 
+# Measured once on this model (fp32, CPU, transformers 5.23): the first 4 windows of 512 tokens of
+# each test split. The tolerance allows for thread-count rounding, not for a changed protocol.
+PINNED_PPL = {"kjv": 17.819061090618302, "shakespeare": 37.940703781869125}
+
+
 @pytest.mark.parametrize("corpus", ["kjv", "shakespeare"])
 def test_perplexity_of_test_split(smollm2, corpus):
     model, tokenizer = smollm2
@@ -42,7 +45,7 @@ def test_perplexity_of_test_split(smollm2, corpus):
     ids = ids[:, : N_WINDOWS * SEQ_LEN]
     res = evaluate.perplexity(model, ids, seq_len=SEQ_LEN, batch_size=2)
     assert res.n_windows == N_WINDOWS and res.n_tokens == N_WINDOWS * (SEQ_LEN - 1)
-    assert math.isfinite(res.ppl) and 1.0 < res.ppl < 100.0, res.ppl
+    assert res.ppl == pytest.approx(PINNED_PPL[corpus], rel=1e-3), res.ppl
     lim = evaluate.lim_perplexity(model, ids[:, :SEQ_LEN], seq_len=SEQ_LEN, batch_size=1)
     assert sum(lim.bucket_tokens) == SEQ_LEN - 1
     # later positions have more context: the last bucket is easier than the first

@@ -89,10 +89,17 @@ def test_padding_never_contributes():
     assert max_diff(runs[0][1], runs[1][1]) < 1e-6
 
 
+ADAPTER_LEAVES = {"lora_A", "lora_B", "magnitude", "magnitude_init", "gate", "residual", "temperature"}
+
+
 def test_only_adapter_changes_and_base_bit_identical():
     model = make_model()
+    # filter on the exact leaf name: a substring filter ("gate") would skip mlp.gate_proj
     base_before = {k: v.clone() for k, v in model.model.state_dict().items()
-                   if not any(s in k for s in ("lora_", "magnitude", "gate", "residual"))}
+                   if k.rsplit(".", 1)[-1] not in ADAPTER_LEAVES}
+    assert "model.layers.0.mlp.gate_proj.weight" in base_before
+    assert "model.layers.0.self_attn.q_proj.base_layer.weight" in base_before
+    assert len(base_before) == len(tiny_llama().state_dict())
     ad_before = adapter(model)
     res = train(model, make_blocks(), None, cfg(steps=3))
     assert len(res.losses) == 3 and all(math.isfinite(x) for x in res.losses)
@@ -280,6 +287,41 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tmp_path
     # and the run can go on from the good checkpoint
     res = train(fresh, make_blocks(), None, cfg(steps=4, save_every=2, out_dir=str(tmp_path), resume=True))
     assert res.start_step == 2 and all(math.isfinite(x) for x in res.losses)
+
+
+def test_stray_gradients_before_train_are_cleared():
+    """A backward before train() must not add into the first step's gradient (clean run as reference)."""
+    blocks = make_blocks()
+    clean = train(make_model(), blocks, None, cfg(steps=1, max_grad_norm=0.0))
+    model = make_model()
+    out = model(input_ids=blocks["input_ids"][:4]).logits
+    (out.float().pow(2).sum() * 100).backward()  # a large stray gradient
+    assert all(p.grad is not None for p in model.trainable_parameters())
+    dirty = train(model, blocks, None, cfg(steps=1, max_grad_norm=0.0))
+    assert dirty.grad_norms[0] == pytest.approx(clean.grad_norms[0], rel=1e-6)
+    assert all(p.grad is None for p in model.trainable_parameters())
+
+
+def test_in_process_resume_after_non_finite_loss(tmp_path):
+    """After a NonFiniteLossError, loading the last good checkpoint into the SAME model and
+    resuming finishes, and matches resuming a fresh model from that checkpoint."""
+    blocks = make_blocks()
+
+    def poison_after_2(step, metrics):
+        if step == 2:
+            with torch.no_grad():
+                next(p for n, p in model.named_trainable_parameters() if n.endswith("lora_B")).fill_(float("nan"))
+
+    model = make_model()
+    with pytest.raises(NonFiniteLossError):
+        train(model, blocks, None, cfg(steps=5, save_every=2, out_dir=str(tmp_path / "a")), callback=poison_after_2)
+    assert all(p.grad is None for p in model.trainable_parameters())
+    load_adapter_checkpoint(model, find_checkpoint(tmp_path / "a"))
+    res = train(model, blocks, None, cfg(steps=5, save_every=2, out_dir=str(tmp_path / "a"), resume=True))
+    assert res.start_step == 2 and res.steps == 5 and all(math.isfinite(x) for x in res.losses)
+    ref = make_model()
+    train(ref, blocks, None, cfg(steps=5, save_every=2, out_dir=str(tmp_path / "b")))
+    assert max_diff(adapter(model), adapter(ref)) <= 1e-6
 
 
 # ---- distributed --------------------------------------------------------------------------------
