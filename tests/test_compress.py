@@ -590,13 +590,50 @@ def test_analyze_spectra_ranks_and_plot(tmp_path):
     json.dumps(res.to_dict())
 
 
-def test_rank_multiple_rounds_down():
-    model = tiny_llama()
-    report = compress_model(model, CompressConfig(method="svd", ratio=0.2, rank_multiple=8))
-    assert all(r.rank % 8 == 0 and r.rank >= 8 for r in report.layers if not r.dense)
-    plain = compress_model(tiny_llama(), CompressConfig(method="svd", ratio=0.2))
-    for a, b in zip(report.layers, plain.layers):
-        assert a.dense or a.rank == max(8, b.rank - b.rank % 8)
+# tiny Llama with hidden 64, intermediate 128, 4 heads / 2 kv heads (head_dim 16):
+#   q/o 64x64: break-even 32,    ratio 0.5 -> floor(0.5*4096/128) = 16
+#   k/v 32x64: break-even 21.33, ratio 0.5 -> floor(0.5*2048/96)  = 10
+#   gate/up 128x64, down 64x128: break-even 42.67, ratio 0.5 -> floor(0.5*8192/192) = 21
+# expected ranks by hand (None = dense): multiple 8 rounds down; 24 rounds q up to 24 (saves),
+# k up to 24 (24*96 = 2304 >= 2048: dense); 40 rounds q up past break-even (40*128 = 5120 >= 4096),
+# k past its size (40 > 32), gate/up/down up to 40 (40*192 = 7680 < 8192).
+RANK_MULTIPLE_CASES = {
+    1: {"q_proj": 16, "k_proj": 10, "v_proj": 10, "o_proj": 16, "gate_proj": 21, "up_proj": 21, "down_proj": 21},
+    8: {"q_proj": 16, "k_proj": 8, "v_proj": 8, "o_proj": 16, "gate_proj": 16, "up_proj": 16, "down_proj": 16},
+    24: {"q_proj": 24, "k_proj": None, "v_proj": None, "o_proj": 24, "gate_proj": 24, "up_proj": 24, "down_proj": 24},
+    40: {"q_proj": None, "k_proj": None, "v_proj": None, "o_proj": None, "gate_proj": 40, "up_proj": 40, "down_proj": 40},
+    48: {"q_proj": None, "k_proj": None, "v_proj": None, "o_proj": None, "gate_proj": None, "up_proj": None, "down_proj": None},
+}
+
+
+@pytest.mark.parametrize("multiple", sorted(RANK_MULTIPLE_CASES))
+def test_rank_multiple_against_hand_computed_ranks(multiple, input_ids):
+    model = tiny_llama(hidden_size=64, intermediate_size=128)
+    report = compress_model(model, CompressConfig(method="svd", ratio=0.5, rank_multiple=multiple))
+    got = {r.name.rsplit(".", 1)[1]: r.rank for r in report.layers if ".0." in r.name}
+    assert got == RANK_MULTIPLE_CASES[multiple]
+    for r in report.layers:
+        assert r.params_after <= r.params_before, r.name  # never bigger than dense
+        plain = RANK_MULTIPLE_CASES[1][r.name.rsplit(".", 1)[1]]
+        if r.dense:
+            assert "rank_multiple" in r.reason and "dense" in r.reason
+        elif r.rank < plain:
+            assert "rounded down" in r.policy
+        elif r.rank > plain:
+            assert "rounded up" in r.policy
+        else:
+            assert "rounded" not in r.policy
+    assert torch.isfinite(model(input_ids=input_ids).logits).all()
+
+
+def test_rank_multiple_with_force():
+    from hylorada.compress.ranks import round_to_multiple
+    # force: q 64x64 rank 16 -> 48 (bigger than dense, but forced); k 32x64 rank 10: 48 > 32 cannot be
+    assert round_to_multiple(16, 48, 64, 64, force=True) == (48, "rounded up to a multiple of 48")
+    assert round_to_multiple(10, 48, 32, 64, force=True)[0] == 10
+    assert round_to_multiple(10, 48, 32, 64, force=False)[0] is None
+    assert round_to_multiple(21, 8, 128, 64) == (16, "rounded down to a multiple of 8")
+    assert round_to_multiple(16, 8, 64, 64) == (16, "")
     with pytest.raises(ValueError, match="rank_multiple"):
         CompressConfig(method="svd", ratio=0.2, rank_multiple=0)
 

@@ -26,7 +26,7 @@ from ..layers import dense_weight, in_out_features
 from .config import DTYPES, CompressConfig
 from .factorized import FactorizedLinear
 from .ranks import (LayerSpec, RankDecision, break_even_rank, decide_ranks, dense_params,
-                    factorized_params, resolve_budget)
+                    factorized_params, resolve_budget, round_to_multiple)
 from .svd import SVDFactors, factors_from_svd, truncated_svd
 from .whiten import Whitening, collect_grams, whitened_svd, whitening_factor
 
@@ -365,11 +365,15 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
                                        dropped_energy=0.0, dense=True, reason=dec.reason))
             release(name)
             continue
-        k = dec.rank
-        if config.rank_multiple > 1:
-            k = max(config.rank_multiple, k - k % config.rank_multiple)
-            if k != dec.rank:
-                common["policy"] = f"{dec.policy}; rounded down to a multiple of {config.rank_multiple}"
+        k, note = round_to_multiple(dec.rank, config.rank_multiple, spec.m, spec.n, config.force)
+        if k is None:  # rounding reached break-even or the layer's size: stays dense
+            reports.append(LayerReport(**common, rank=None, params_after=p_before,
+                                       bytes_after=p_before * bytes_el, energy_kept=1.0,
+                                       dropped_energy=0.0, dense=True, reason=note))
+            release(name)
+            continue
+        if note:
+            common["policy"] = f"{dec.policy}; {note}"
         if wh is not None and k > wh.rank:
             k = wh.rank
             common["policy"] = f"{dec.policy}; capped at whitening rank {wh.rank}"

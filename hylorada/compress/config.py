@@ -63,9 +63,10 @@ class CompressConfig:
     calib_precision: "exact" (float64 products) or "mixed" (per-batch products in the activation
         dtype with float32 accumulation, summed in float64; the fast GPU setting).
     force: factorise layers even when the rank saves nothing (break-even guard off).
-    rank_multiple: round every chosen rank down to a multiple of this (at least one multiple);
-        8 keeps bf16/fp16 GEMMs aligned for tensor cores (odd ranks run several times slower on
-        a GPU). Rounding down only removes more parameters.
+    rank_multiple: round every chosen rank down to a multiple of this, or up to the multiple
+        itself when the rank is smaller; 8 keeps bf16/fp16 GEMMs aligned for tensor cores (odd
+        ranks run several times slower on a GPU). The break-even guard applies after rounding
+        (ranks.round_to_multiple): a rounded-up rank that saves nothing leaves the layer dense.
     dtype: storage dtype of the factors (None: each layer's own); compute_dtype: of the SVD and
         whitening (float64 by default).
     """

@@ -131,6 +131,32 @@ def find_override(name: str, overrides: dict) -> tuple[str, object] | None:
     return key, overrides[key]
 
 
+def round_to_multiple(k: int, multiple: int, m: int, n: int, force: bool = False
+                      ) -> tuple[int | None, str]:
+    """(rank, note) after aligning rank k of an m x n layer to `multiple` = q.
+
+    k' = q·floor(k/q), or q itself when k < q (the smallest aligned rank, a round-UP). The
+    break-even guard then applies to k': the layer stays dense (rank None, the note says why)
+    when k'·(m + n) ≥ m·n, unless `force`; a k' above min(m, n) cannot be factorised at all:
+    dense, or under `force` the unrounded k. The note names the direction ("" when k' = k).
+    """
+    q = int(multiple)
+    if q <= 1 or k % q == 0:
+        return k, ""
+    k2 = k - k % q if k >= q else q
+    way = "down" if k2 < k else "up"
+    if k2 > min(m, n):
+        if force:
+            return k, f"not rounded: multiple {q} > min(d_out, d_in) = {min(m, n)}"
+        return None, (f"rank {k} rounded up to {k2} (rank_multiple={q}) exceeds min(d_out, d_in) "
+                      f"= {min(m, n)}: kept dense")
+    if not saves(k2, m, n) and not force:
+        return None, (f"rank {k} rounded {way} to {k2} (rank_multiple={q}) >= break-even "
+                      f"{break_even_rank(m, n):.1f}: {k2 * (m + n):,} factor weights vs {m * n:,} "
+                      "dense saves nothing")
+    return k2, f"rounded {way} to a multiple of {q}"
+
+
 def _guard(k: int, spec: LayerSpec, policy: str, force: bool) -> RankDecision:
     m, n = spec.m, spec.n
     if saves(k, m, n) or force:
