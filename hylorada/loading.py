@@ -90,10 +90,27 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m", dtype: torch.dt
                 f"could not load {name!r}: it is not a known alias ({sorted(MODEL_ALIASES)}), a local "
                 f"folder or .gguf file, and the hub id could not be loaded ({e.__class__.__name__}: {e})"
             ) from e
-    model.to(device=device, dtype=dtype)
+    cast_weights(model, dtype)
+    model.to(device=device)
     model.eval()
     log.info("loaded %s in %.1f s", name, time.perf_counter() - t0)
     return model, tokenizer
+
+
+def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    """Cast every floating parameter and persistent buffer to `dtype`, in place; non-persistent
+    floating buffers keep their dtype. transformers builds RoPE's `inv_freq` in float32 whatever
+    the model dtype (`from_pretrained(dtype=bf16)` keeps it so); `model.to(bf16)` would round it
+    to bf16 and shift every rotary angle (by ~1 radian at position 1000)."""
+    for module in model.modules():
+        for name, p in module.named_parameters(recurse=False):
+            if p.is_floating_point() and p.dtype != dtype:
+                p.data = p.data.to(dtype)
+        keep = module._non_persistent_buffers_set
+        for name, b in module.named_buffers(recurse=False):
+            if b.is_floating_point() and b.dtype != dtype and name not in keep:
+                setattr(module, name, b.to(dtype))
+    return model
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):

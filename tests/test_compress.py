@@ -654,3 +654,45 @@ def test_load_model_recognises_a_compressed_folder(tmp_path):
     assert any(isinstance(m, FactorizedLinear) for m in loaded.modules())
     ids = torch.tensor([tok2("w5 w6 w7")["input_ids"]])
     assert torch.equal(loaded(input_ids=ids).logits, model(input_ids=ids).logits)
+
+
+# ---- dtype on load: RoPE's inv_freq stays float32 (as transformers keeps it) -------------------
+def _rope_buffers(model) -> dict[str, torch.Tensor]:
+    return {n: b for n, b in model.named_buffers() if "inv_freq" in n}
+
+
+def test_bf16_load_keeps_inv_freq_fp32_and_matches_transformers(tiny_assets, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from hylorada.compress.api import load_compressed
+    from hylorada.loading import load_model
+    folder, _ = tiny_assets
+    ids = torch.randint(0, 100, (1, 256), generator=torch.Generator().manual_seed(0))
+    model, _ = load_model(folder, dtype="bf16")
+    ref = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.bfloat16).eval()
+    assert next(model.parameters()).dtype == torch.bfloat16
+    rope = _rope_buffers(model)
+    assert rope and all(b.dtype == torch.float32 for b in rope.values())
+    ref_rope = _rope_buffers(ref)
+    assert all(torch.equal(rope[n], ref_rope[n]) for n in ref_rope)
+    with torch.no_grad():
+        dense_bf16 = model(input_ids=ids).logits
+        assert torch.equal(dense_bf16, ref(input_ids=ids).logits)
+    # compressed in bf16 -> save -> load (saved dtype, and dtype=bf16 asked): bit-exact at 256 tokens
+    compress_model(model, CompressConfig(method="svd", ratio=0.3))
+    save_compressed(model, tmp_path / "c")
+    with torch.no_grad():
+        expected = model(input_ids=ids).logits
+        for dt in (None, torch.bfloat16):
+            loaded = load_compressed(tmp_path / "c", dtype=dt)
+            assert all(b.dtype == torch.float32 for b in _rope_buffers(loaded).values())
+            assert torch.equal(loaded(input_ids=ids).logits, expected)
+    # an fp32 compressed folder loaded as bf16 equals the fp32 model cast the way transformers casts
+    fp32, _ = load_model(folder)
+    compress_model(fp32, CompressConfig(method="svd", ratio=0.3))
+    save_compressed(fp32, tmp_path / "c32")
+    loaded = load_compressed(tmp_path / "c32", dtype="bfloat16")
+    assert all(b.dtype == torch.float32 for b in _rope_buffers(loaded).values())
+    with torch.no_grad():
+        for n, p in fp32.named_parameters():
+            assert torch.equal(loaded.get_parameter(n), p.to(torch.bfloat16)), n

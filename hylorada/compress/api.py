@@ -508,22 +508,26 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype | str | Non
                                         local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False)
-    for name, spec in meta["layers"].items():
-        old = model.get_submodule(name)
-        d_in, d_out = in_out_features(old)
-        if (d_in, d_out) != (spec["d_in"], spec["d_out"]):
-            raise ValueError(f"{name}: saved shape {spec['d_out']} x {spec['d_in']} does not match "
-                             f"the architecture's {d_out} x {d_in}")
-        _set_module(model, name, FactorizedLinear(d_in, d_out, spec["rank"], bias=spec["bias"]))
     weights = directory / WEIGHTS_NAME
     st_dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                  "F64": torch.float64}
     with safe_open(str(weights), framework="pt") as f:
         saved_dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
     floating = [st_dtypes[c] for c in saved_dtypes.values() if c in st_dtypes]
-    if floating:  # the dtype most tensors had: also what non-persistent buffers were cast to
-        model.to(max(set(floating), key=floating.count))
+    if dtype is not None:
+        dtype = DTYPES[dtype.removeprefix("torch.")] if isinstance(dtype, str) else dtype
+    # built in the final dtype as from_pretrained(dtype=...) builds it: non-persistent buffers
+    # (RoPE inv_freq: float32 always) come out as transformers makes them
+    build = dtype or (max(set(floating), key=floating.count) if floating else torch.float32)
+    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=build)
+    for name, spec in meta["layers"].items():
+        old = model.get_submodule(name)
+        d_in, d_out = in_out_features(old)
+        if (d_in, d_out) != (spec["d_in"], spec["d_out"]):
+            raise ValueError(f"{name}: saved shape {spec['d_out']} x {spec['d_in']} does not match "
+                             f"the architecture's {d_out} x {d_in}")
+        _set_module(model, name, FactorizedLinear(d_in, d_out, spec["rank"], bias=spec["bias"],
+                                                  dtype=build))
     named = dict(model.named_parameters(remove_duplicate=False))
     named.update(dict(model.named_buffers(remove_duplicate=False)))
     with torch.no_grad():
@@ -534,8 +538,8 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype | str | Non
                 t.data = t.data.to(want)
     load_model(model, str(weights), strict=True)
     if dtype is not None:
-        dtype = DTYPES[dtype.removeprefix("torch.")] if isinstance(dtype, str) else dtype
-        model.to(dtype)
+        from ..loading import cast_weights
+        cast_weights(model, dtype)
     if device is not None:
         model.to(device)
     return model.eval()
