@@ -20,12 +20,17 @@ from .adapters import ADAPTER_CLASSES, AdapterLayer
 from .adapters.dora import direct_weight_norm
 from .compress.factorized import FactorizedLinear
 from .config import ALL_LINEAR, ATTENTION_TARGETS, HyLoRADAConfig
+from .errors import UsageError
 from .layers import in_out_features, is_linear
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 FORMAT_VERSION = 1
-QUERY_NAMES = ("q_proj", "query", "q")
+QUERY_NAMES = ("q_proj", "query", "q", "qkv_proj")
+# the attention projections by naming convention (default targets of a model type that
+# config.ATTENTION_TARGETS does not list): Llama-style, Phi-3 (fused qkv_proj), OPT, GPT-2, GPT-NeoX
+ATTENTION_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "self_attn.out_proj",
+                      "attn.c_attn", "attn.c_proj", "attention.query_key_value", "attention.dense")
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -42,8 +47,13 @@ def linear_layer_names(model: nn.Module) -> list[str]:
 
 
 def default_targets(model: nn.Module) -> list[str]:
+    """ATTENTION_TARGETS of the model type, else those of ATTENTION_SUFFIXES that name a layer."""
     model_type = getattr(getattr(model, "config", None), "model_type", None)
-    return list(ATTENTION_TARGETS.get(model_type, ATTENTION_TARGETS["default"]))
+    if model_type in ATTENTION_TARGETS:
+        return list(ATTENTION_TARGETS[model_type])
+    names = linear_layer_names(model)
+    found = [t for t in ATTENTION_SUFFIXES if any(n == t or n.endswith("." + t) for n in names)]
+    return found or list(ATTENTION_TARGETS["default"])
 
 
 def match_targets(model: nn.Module, targets: list[str] | str | None) -> list[str]:
@@ -76,13 +86,55 @@ def _strip_layer_index(name: str) -> str:
     return name
 
 
-def _num_heads(model: nn.Module) -> int:
+def _text_config(model: nn.Module) -> Any:
     cfg = model.config
+    return cfg.get_text_config() if hasattr(cfg, "get_text_config") else cfg
+
+
+def _num_heads(model: nn.Module) -> int:
+    cfg = _text_config(model)
     for key in ("num_attention_heads", "n_head", "num_heads"):
         if getattr(cfg, key, None):
             return int(getattr(cfg, key))
-    raise ValueError("LoRaDA needs the number of attention heads; the model config has none of "
+    raise UsageError("LoRaDA needs the number of attention heads; the model config has none of "
                      "num_attention_heads / n_head / num_heads")
+
+
+def _num_kv_heads(model: nn.Module) -> int:
+    cfg = _text_config(model)
+    return int(getattr(cfg, "num_key_value_heads", None) or _num_heads(model))
+
+
+def lorada_query_slice(model: nn.Module, name: str, base: nn.Module) -> dict[str, int] | None:
+    """LoRaDA's query rows in the output of layer `name` (n_heads, q_offset, q_size), or None
+    when the layer is not a query projection. H query heads, H_kv key/value heads:
+
+    - q_proj / query / q: every row, H heads;
+    - c_attn (GPT-2: [q; k; v], each d_out/3): the first d_out/3 rows;
+    - qkv_proj (Phi-3: [q; k; v] with grouped kv): the first H·hd rows, hd = d_out/(H + 2·H_kv);
+    - query_key_value (GPT-NeoX, Bloom: q, k, v interleaved per head): refused, the temperature
+      needs one contiguous query slice (UsageError, at construction).
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    _, d_out = in_out_features(base)
+    if leaf == "query_key_value":
+        raise UsageError(
+            f"method='lorada' does not support '{name}': this architecture "
+            f"({getattr(model.config, 'model_type', '?')}) interleaves q, k and v per head in one "
+            "fused projection, and the LoRaDA temperature needs a contiguous query slice; allowed: "
+            "method in ['lora', 'dora', 'hylorada'], or lorada on a model with q_proj / c_attn / qkv_proj")
+    if leaf not in QUERY_NAMES and leaf != "c_attn":
+        return None
+    heads = _num_heads(model)
+    if leaf == "c_attn":
+        return dict(n_heads=heads, q_offset=0, q_size=d_out // 3)
+    if leaf == "qkv_proj":
+        per_head, rem = divmod(d_out, heads + 2 * _num_kv_heads(model))
+        if rem:
+            raise UsageError(f"LoRaDA: fused '{name}' has {d_out} outputs, not (n_heads + 2·n_kv_heads)"
+                             f" = {heads + 2 * _num_kv_heads(model)} heads of equal size")
+        return dict(n_heads=heads, q_offset=0, q_size=heads * per_head)
+    return dict(n_heads=heads, q_offset=0, q_size=d_out)
 
 
 class HyLoRADAModel(nn.Module):
@@ -111,12 +163,9 @@ class HyLoRADAModel(nn.Module):
             if isinstance(base, AdapterLayer):
                 raise ValueError(f"layer '{name}' already has an adapter")
             kwargs: dict[str, Any] = {}
-            leaf = name.rsplit(".", 1)[-1]
-            if cfg.method == "lorada" and (leaf in QUERY_NAMES or leaf == "c_attn"):
-                d_in, d_out = in_out_features(base)
-                kwargs = dict(n_heads=_num_heads(model), q_offset=0,
-                              q_size=d_out // 3 if leaf == "c_attn" else d_out)
-                q_layers += 1
+            if cfg.method == "lorada":
+                kwargs = lorada_query_slice(model, name, base) or {}
+                q_layers += bool(kwargs)
             layer = cls(base, cfg, name, **kwargs)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
