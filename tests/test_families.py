@@ -299,3 +299,20 @@ def test_compress_save_load_bit_exact(family, method, tmp_path):
     loaded = load_compressed(tmp_path / "c")
     assert type(loaded) is type(model)
     assert torch.equal(logits(loaded, x), out)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_compress_in_bf16_save_load_keeps_rope_fp32(family, tmp_path):
+    """bf16 weights (RoPE inv_freq kept fp32, as transformers' from_pretrained(dtype=bf16))
+    -> compress -> save -> load, as saved and with dtype=bf16: bit-exact at 256 tokens."""
+    from hylorada.loading import cast_weights
+    model = cast_weights(FAMILIES[family](), torch.bfloat16)
+    compress_model(model, CompressConfig(method="svd", ratio=0.3))
+    x = ids(256, batch=1)
+    out = logits(model, x)
+    save_compressed(model, tmp_path / "c")
+    for dtype in (None, "bfloat16"):
+        loaded = load_compressed(tmp_path / "c", dtype=dtype)
+        assert all(b.dtype == torch.float32 for n, b in loaded.named_buffers() if "inv_freq" in n)
+        assert next(loaded.parameters()).dtype == torch.bfloat16
+        assert torch.equal(logits(loaded, x), out)
