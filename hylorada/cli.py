@@ -1,4 +1,5 @@
-"""The `hylorada` command line: one sub-command per module under hylorada/commands."""
+"""hylorada: make Hugging Face causal language models smaller (truncated / whitened SVD) and adapt
+them cheaply (LoRA, DoRA, LoRaDA, HyLoRADA); evaluate, benchmark and tune them."""
 from __future__ import annotations
 
 import argparse
@@ -13,11 +14,16 @@ COMMANDS = {
     "analyze": "hylorada.commands.analyze",
     "benchmark": "hylorada.commands.benchmark",
     "tune": "hylorada.commands.tune",
+    "generate": "hylorada.commands.generate",
+    "export": "hylorada.commands.export",
 }
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
     parser = argparse.ArgumentParser(prog="hylorada", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"hylorada {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, module in COMMANDS.items():
         if importlib.util.find_spec(module) is None:  # pragma: no cover - during development only

@@ -23,8 +23,11 @@ from .config import ALL_LINEAR, ATTENTION_TARGETS, HyLoRADAConfig
 from .errors import UsageError
 from .layers import in_out_features, is_linear
 
-CONFIG_NAME = "adapter_config.json"
-WEIGHTS_NAME = "adapter_model.safetensors"
+# Our own file names: peft's names (adapter_config.json, ...) would invite
+# `peft.PeftModel.from_pretrained`, which cannot read this format; `export_peft` writes those.
+CONFIG_NAME = "hylorada_adapter.json"
+WEIGHTS_NAME = "hylorada_adapter.safetensors"
+LEGACY_NAMES = ("adapter_config.json", "adapter_model.safetensors")  # before 2026-11-23
 FORMAT_VERSION = 1
 QUERY_NAMES = ("q_proj", "query", "q", "qkv_proj")
 # the attention projections by naming convention (default targets of a model type that
@@ -167,6 +170,7 @@ class HyLoRADAModel(nn.Module):
                 kwargs = lorada_query_slice(model, name, base) or {}
                 q_layers += bool(kwargs)
             layer = cls(base, cfg, name, **kwargs)
+            layer.train(base.training)  # an eval-mode model stays in eval mode (no adapter dropout)
             parent_name, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
         if cfg.method == "lorada" and q_layers == 0:
@@ -250,7 +254,7 @@ class HyLoRADAModel(nn.Module):
             target.copy_(state[key])
 
     def save_adapter(self, directory: str | os.PathLike) -> Path:
-        """adapter_config.json + adapter_model.safetensors (the complete adapter state), atomically."""
+        """hylorada_adapter.json + hylorada_adapter.safetensors (the complete adapter state), atomically."""
         if self.merged:
             raise ValueError("save_adapter on a merged model: call unmerge() first")
         meta = {
@@ -268,13 +272,13 @@ class HyLoRADAModel(nn.Module):
 
     @classmethod
     def from_pretrained(cls, model: nn.Module, directory: str | os.PathLike) -> "HyLoRADAModel":
-        directory = Path(directory)
-        meta = json.loads((directory / CONFIG_NAME).read_text())
+        config_path, weights_path = adapter_files(Path(directory))
+        meta = json.loads(config_path.read_text())
         if meta.get("format") != "hylorada":
-            raise ValueError(f"{directory / CONFIG_NAME} is not a hylorada adapter (format="
+            raise ValueError(f"{config_path} is not a hylorada adapter (format="
                              f"{meta.get('format')!r}); peft adapters load with peft.PeftModel")
         wrapped = cls(model, HyLoRADAConfig.from_dict(meta["config"]), target_names=meta["target_names"])
-        wrapped.load_adapter_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        wrapped.load_adapter_state_dict(load_file(str(weights_path)))
         return wrapped
 
     # ---- merge --------------------------------------------------------------------------------
@@ -361,6 +365,15 @@ class HyLoRADAModel(nn.Module):
         return _write_dir_atomic(Path(directory),
                                  {"adapter_config.json": json.dumps(peft_cfg, indent=2).encode()},
                                  {"adapter_model.safetensors": tensors})
+
+
+def adapter_files(directory: Path) -> tuple[Path, Path]:
+    """(config, weights) paths of the adapter saved in `directory` (current or legacy names)."""
+    for names in ((CONFIG_NAME, WEIGHTS_NAME), LEGACY_NAMES):
+        if (directory / names[0]).is_file():
+            return directory / names[0], directory / names[1]
+    raise FileNotFoundError(f"{directory} holds no hylorada adapter (no {CONFIG_NAME}); "
+                            "save one with HyLoRADAModel.save_adapter or `hylorada finetune`")
 
 
 def _write_dir_atomic(directory: Path, texts: dict[str, bytes],
