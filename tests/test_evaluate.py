@@ -501,3 +501,34 @@ def test_cli_eval_without_bos_is_unchanged(tmp_path, monkeypatch):
     assert res["window_prefix"] == "none"
     assert res["perplexity"]["n_tokens"] == n - -(-n // 16)
     assert res["perplexity"]["total_nll"] == pytest.approx(total, rel=1e-5)
+
+
+def test_benchmark_cells_use_and_record_the_window_prefix(tmp_path, monkeypatch):
+    from hylorada import data
+    from hylorada.benchmark import CellRunner, make_config, plan_cells
+    from test_data import char_tokenizer
+
+    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
+    tok = char_tokenizer(bos=True)
+    model, model_dir, _ = _save_tiny_with(tok, tmp_path)
+    text = tmp_path / "corpus.jsonl"  # enough documents for train/valid/test splits
+    text.write_text("".join(json.dumps({"text": f"Verse {i}: and the word was with God."}) + "\n" for i in range(20)))
+    cfg = make_config("cpu-quick", model=str(model_dir), data=str(text), eval_seq_len=16, eval_max_tokens=None)
+    runner = CellRunner(cfg, progress=False)
+    spec = {"data": str(text), "eval_max_tokens": None, "eval_seq_len": 16, "lim_buckets": 2}
+    got = runner.evaluate(model, spec)
+    ids = data.eval_ids(tok, data.load_corpus(text, "test"))
+    total, n = hand_bos_loop(model, ids[0, 1:].tolist(), 16)
+    assert got["window_prefix"] == "bos" and got["test_tokens"] == n == ids.shape[1] - 1
+    assert got["test_ppl"] == pytest.approx(math.exp(total / n), rel=1e-5)
+    assert (runner.train_blocks(str(text), 8)["input_ids"][:, 0] == 1).all()
+    # "auto" leaves the cell keys of earlier runs alone; an explicit choice is part of the key
+    budget = {"rows": {}}
+    base = [c for c in plan_cells(cfg, budget, []) if c.id == "base"][0]
+    assert "window_prefix" not in base.spec
+    forced = make_config("cpu-quick", model=str(model_dir), data=str(text), eval_seq_len=16, eval_max_tokens=None,
+                         window_prefix="none")
+    assert [c for c in plan_cells(forced, budget, []) if c.id == "base"][0].key != base.key
+    assert CellRunner(forced, progress=False).evaluate(model, spec)["window_prefix"] == "none"
+    with pytest.raises(ValueError, match="window_prefix"):
+        make_config("cpu-quick", window_prefix="start")
