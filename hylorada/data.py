@@ -323,7 +323,9 @@ def token_stream(tokenizer, docs: Sequence[str], *, cache: bool = True) -> torch
 
 
 def eval_ids(tokenizer, docs: Sequence[str], *, cache: bool = True) -> torch.Tensor:
-    """Documents joined with "\\n\\n" and tokenized once (default special tokens): LongTensor [1, N]."""
+    """Documents joined with "\\n\\n" and tokenized once (default special tokens): LongTensor [1, N].
+    A BOS the tokenizer adds stays in front; under window prefix "bos" the evaluation drops it
+    (every window gets its own, hylorada/evaluate.py)."""
     docs = list(docs)
 
     def compute():
