@@ -532,3 +532,33 @@ def test_benchmark_cells_use_and_record_the_window_prefix(tmp_path, monkeypatch)
     assert CellRunner(forced, progress=False).evaluate(model, spec)["window_prefix"] == "none"
     with pytest.raises(ValueError, match="window_prefix"):
         make_config("cpu-quick", window_prefix="start")
+
+
+def test_finetune_and_compress_use_and_record_the_window_prefix(tmp_path, monkeypatch, one_thread):
+    import random
+
+    from hylorada import cli
+    from test_data import char_tokenizer
+
+    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
+    tok = char_tokenizer(bos=True)
+    _, model_dir, _ = _save_tiny_with(tok, tmp_path)
+    rng = random.Random(0)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(["abc", "de", "fgh"]) for _ in range(40))})
+                              + "\n" for _ in range(30)))
+    ft = tmp_path / "ft"
+    assert cli.main(["finetune", "--model", str(model_dir), "--data", str(corpus), "--steps", "1", "--seq-len", "16",
+                     "--batch-size", "2", "--eval-seq-len", "16", "--max-eval-tokens", "100", "--out", str(ft),
+                     "--no-progress"]) == 0
+    log = json.loads((ft / "finetune.json").read_text())
+    assert log["window_prefix"] == "bos"
+    assert log["ppl_before"]["test"]["n_tokens"] == 99  # 100 ids = the corpus BOS + 99 text tokens, all scored
+    cp = tmp_path / "cp"
+    assert cli.main(["compress", "--model", str(model_dir), "--method", "whiten", "--calib", str(corpus),
+                     "--calib-blocks", "4", "--calib-seq-len", "16", "--eval", str(corpus), "--eval-seq-len", "16",
+                     "--max-eval-tokens", "100", "--out", str(cp), "--no-progress", "--window-prefix", "none"]) == 0
+    res = json.loads((cp / "results.json").read_text())
+    assert res["window_prefix"] == "none"
+    assert all(v["window_prefix"] == "none" and v["n_tokens"] == 100 - -(-100 // 16)
+               for stage in res["perplexity"].values() for v in stage.values())
