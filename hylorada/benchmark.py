@@ -117,6 +117,9 @@ class BenchConfig:
     eval_max_tokens: int | None = 4096
     eval_batch_size: int = 2
     lim_buckets: int = 10
+    # "auto" | "bos" | "none": BOS at the start of every window/block (hylorada/data.py); cells
+    # record the resolved value; the cell key holds it only when it is not "auto"
+    window_prefix: str = "auto"
     # frontier
     ratios: list[float] = field(default_factory=lambda: [0.2])
     compress_methods: list[str] = field(default_factory=lambda: ["svd", "whiten"])
@@ -212,6 +215,8 @@ def validate_config(cfg: BenchConfig) -> None:
     for m in cfg.compress_methods:
         if m not in ("svd", "whiten"):
             bad("compress_methods", "a list from ['svd', 'whiten']")
+    if cfg.window_prefix not in ("auto", "bos", "none"):
+        bad("window_prefix", "'auto', 'bos' or 'none'")
     if cfg.device not in ("cpu", "cuda") and not str(cfg.device).startswith("cuda:"):
         bad("device", "'cpu', 'cuda' or 'cuda:N'")
 
@@ -389,6 +394,8 @@ def plan_cells(cfg: BenchConfig, budget: dict[str, Any], rows: list[str]) -> lis
     """Every cell of the run, in run order: base, adaptation rows by seed, then the frontier."""
     common = dict(model=cfg.model, dtype=cfg.dtype, data=cfg.data, eval_seq_len=cfg.eval_seq_len,
                   eval_max_tokens=cfg.eval_max_tokens, lim_buckets=cfg.lim_buckets)
+    if cfg.window_prefix != "auto":  # "auto" keeps the keys (and stored cells) of runs before the option
+        common["window_prefix"] = cfg.window_prefix
     train = dict(steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
                  warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio,
                  weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
@@ -594,13 +601,23 @@ class CellRunner:
         tok = self.tokenizer
         return tok.pad_token_id if tok.pad_token_id is not None else (tok.eos_token_id or 0)
 
+    @property
+    def window_prefix(self) -> str:
+        """The resolved window prefix ("bos" or "none") of cfg.window_prefix for this tokenizer."""
+        from .data import resolve_window_prefix
+
+        return resolve_window_prefix(self.tokenizer, self.cfg.window_prefix)
+
+    def _bos_id(self) -> int | None:
+        return self.tokenizer.bos_token_id if self.window_prefix == "bos" else None
+
     def train_blocks(self, data: str, seq_len: int) -> dict[str, torch.Tensor]:
         key = ("train", data, seq_len)
         if key not in self._cache:
             from .data import load_corpus, pack_blocks, token_stream
 
             ids = token_stream(self.tokenizer, load_corpus(data, "train"))
-            self._cache[key] = pack_blocks(ids, seq_len, self._pad_id())
+            self._cache[key] = pack_blocks(ids, seq_len, self._pad_id(), bos_id=self._bos_id())
         return self._cache[key]
 
     def calibration(self, data: str, n_blocks: int, seq_len: int) -> dict[str, torch.Tensor]:
@@ -623,8 +640,9 @@ class CellRunner:
 
         ids = self.test_ids(spec["data"], spec["eval_max_tokens"])
         res = lim_perplexity(model, ids, spec["eval_seq_len"], n_buckets=spec["lim_buckets"],
-                             batch_size=self.cfg.eval_batch_size, device=self.device, progress=False)
-        return {"test_ppl": res.ppl, "test_nll": res.nll, "lim_ppl": res.lim_ppl,
+                             batch_size=self.cfg.eval_batch_size, device=self.device, progress=False,
+                             bos_id=self._bos_id())
+        return {"window_prefix": res.window_prefix, "test_ppl": res.ppl, "test_nll": res.nll, "lim_ppl": res.lim_ppl,
                 "test_tokens": res.n_tokens, "lim_bucket_ppl": res.bucket_ppl,
                 "lim_bucket_tokens": res.bucket_tokens, "eval_seconds": res.seconds}
 
@@ -1250,6 +1268,9 @@ def write_report(cfg: BenchConfig, out: Path, cells: list[Cell], results: dict[s
         "cell_versions": list({json.dumps(v["versions"], sort_keys=True): v["versions"]
                                for v in cell_env.values() if v.get("versions")}.values()),
         "config": cfg.to_dict(),
+        # resolved per cell; a cell stored before the option existed used none
+        "window_prefixes": sorted({str(results[c.id].get("window_prefix", "none")) for c in cells
+                                   if c.id in results}),
         "environment": env,
         "budget": budget,
         "n_cells": len(cells),

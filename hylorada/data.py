@@ -27,6 +27,17 @@ Tokenization: `eval_ids` joins documents with "\\n\\n" and tokenizes once (the t
 default special tokens, as in the usual WikiText protocol); `token_stream` tokenizes documents
 separately (no special tokens) and joins them with EOS. Both cache their result on disk
 (`<cache>/tokens/*.safetensors`), keyed by a fingerprint of the tokenizer and a hash of the text.
+
+Window prefix (BOS). Many model families are trained with BOS at the start of every sequence;
+a window without it is scored far worse than the model is (docs/DATA.md). `window_prefix` is
+"auto" (default), "bos" or "none"; `resolve_window_prefix` turns it into "bos" or "none":
+"auto" is "bos" exactly when the tokenizer puts `bos_token_id` before a text by default
+(`adds_bos`: the ids of "x" with the default special tokens start with it; never decided from a
+model name), "bos" needs a `bos_token_id`, "none" is the protocol without a prefix. With "bos"
+every evaluation window (hylorada.evaluate) and every training block (`pack_blocks(bos_id=)`)
+is BOS + seq_len - 1 tokens of text; the BOS position is context, never a target. The token ids
+themselves do not change: `eval_ids` keeps the tokenizer's own leading BOS, which the windowing
+drops because every window gets its own.
 """
 from __future__ import annotations
 
@@ -193,6 +204,46 @@ def split_summary(names: Sequence[str] = CORPORA, tokenizer=None) -> dict:
     return out
 
 
+# ----------------------------------------------------------------------------- window prefix
+WINDOW_PREFIXES = ("auto", "bos", "none")
+
+
+def adds_bos(tokenizer) -> bool:
+    """True when the tokenizer puts its BOS before a text by default: `bos_token_id` is set and
+    the ids of "x" with the default special tokens start with it (and without them do not)."""
+    bos = getattr(tokenizer, "bos_token_id", None)
+    if bos is None:
+        return False
+    with_special, plain = _encode(tokenizer, "x", True), _encode(tokenizer, "x", False)
+    return bool(with_special) and with_special[0] == bos and (not plain or plain[0] != bos)
+
+
+def resolve_window_prefix(tokenizer, window_prefix: str = "auto") -> str:
+    """"bos" or "none": what `window_prefix` ("auto" | "bos" | "none") means for this tokenizer."""
+    from .errors import UsageError
+
+    if window_prefix not in WINDOW_PREFIXES:
+        raise UsageError(f"window_prefix={window_prefix!r} is invalid: allowed {list(WINDOW_PREFIXES)}")
+    if window_prefix == "auto":
+        return "bos" if adds_bos(tokenizer) else "none"
+    if window_prefix == "bos" and getattr(tokenizer, "bos_token_id", None) is None:
+        raise UsageError("window_prefix='bos' needs a tokenizer with a bos_token_id; this one has none "
+                         "(allowed here: 'auto' or 'none')")
+    return window_prefix
+
+
+def window_bos_id(tokenizer, window_prefix: str = "auto") -> int | None:
+    """The token id every window/block starts with (`bos_token_id`), or None for no prefix."""
+    return int(tokenizer.bos_token_id) if resolve_window_prefix(tokenizer, window_prefix) == "bos" else None
+
+
+def drop_leading(ids: torch.Tensor, bos_id: int | None) -> torch.Tensor:
+    """`ids` (1-D) without a leading `bos_id` (the tokenizer's own BOS before the corpus)."""
+    if bos_id is not None and ids.numel() and int(ids[0]) == bos_id:
+        return ids[1:]
+    return ids
+
+
 # ----------------------------------------------------------------------------- tokenization
 def _tokenizer_fingerprint(tokenizer) -> str | None:
     """A stable id of a fast tokenizer (its full JSON); None when there is none (no caching)."""
@@ -272,7 +323,9 @@ def token_stream(tokenizer, docs: Sequence[str], *, cache: bool = True) -> torch
 
 
 def eval_ids(tokenizer, docs: Sequence[str], *, cache: bool = True) -> torch.Tensor:
-    """Documents joined with "\\n\\n" and tokenized once (default special tokens): LongTensor [1, N]."""
+    """Documents joined with "\\n\\n" and tokenized once (default special tokens): LongTensor [1, N].
+    A BOS the tokenizer adds stays in front; under window prefix "bos" the evaluation drops it
+    (every window gets its own, hylorada/evaluate.py)."""
     docs = list(docs)
 
     def compute():
@@ -281,16 +334,29 @@ def eval_ids(tokenizer, docs: Sequence[str], *, cache: bool = True) -> torch.Ten
     return _cached("eval", tokenizer, docs, cache, compute).reshape(1, -1)
 
 
-def pack_blocks(ids: torch.Tensor, seq_len: int, pad_id: int | None = 0) -> dict[str, torch.Tensor]:
+def pack_blocks(ids: torch.Tensor, seq_len: int, pad_id: int | None = 0, *,
+                bos_id: int | None = None) -> dict[str, torch.Tensor]:
     """Cut a token stream into consecutive blocks of `seq_len` for training.
 
-    Returns input_ids, attention_mask and labels, each LongTensor [ceil(N / seq_len), seq_len].
-    The last partial block is right-padded with `pad_id` (0 if None); padding has
-    attention_mask 0 and label -100. Labels are the input ids (the model shifts them).
+    Returns input_ids, attention_mask and labels, each LongTensor [n_blocks, seq_len]. Labels
+    are the input ids (the model shifts them); padding has attention_mask 0 and label -100.
+    - bos_id None: block i holds ids[i*L : (i+1)*L] (L = seq_len), n_blocks = ceil(N / L);
+    - bos_id set (window prefix "bos"): block i is [bos_id] + ids[i*(L-1) : (i+1)*(L-1)],
+      n_blocks = ceil(N / (L-1)); the BOS has attention_mask 1 and label -100 (context, never a
+      target), so every stream token is a target exactly once (the first of a block is
+      predicted from the BOS). A leading `bos_id` in `ids` is dropped first (`drop_leading`).
+    The last partial block is right-padded with `pad_id` (0 if None).
     """
-    if seq_len < 1:
-        raise ValueError("seq_len must be >= 1")
+    if seq_len < (1 if bos_id is None else 2):
+        raise ValueError(f"seq_len must be >= {1 if bos_id is None else 2}" +
+                         ("" if bos_id is None else " with a BOS prefix") + f", got {seq_len}")
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    if bos_id is not None:
+        body = pack_blocks(drop_leading(ids, bos_id), seq_len - 1, pad_id)
+        n_blocks = body["input_ids"].shape[0]
+        first = {"input_ids": int(bos_id), "attention_mask": 1, "labels": -100}
+        return {k: torch.cat([torch.full((n_blocks, 1), first[k], dtype=torch.long), v], dim=1)
+                for k, v in body.items()}
     n = ids.numel()
     n_blocks = -(-n // seq_len)
     pad = 0 if pad_id is None else int(pad_id)

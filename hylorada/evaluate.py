@@ -1,6 +1,10 @@
 """Honest evaluation: perplexity, LiM perplexity, true model size, forward throughput.
 
-Perplexity protocol (`perplexity`), for a token sequence [1, N] and a window length L:
+Perplexity protocol (`perplexity`), for a token sequence [1, N] and a window length L. The
+window prefix (`bos_id`, see hylorada.data "Window prefix") decides how a window starts:
+
+Without a prefix (`bos_id=None`, window prefix "none"; the protocol of every number before the
+prefix existed, and of any tokenizer that adds no BOS, e.g. SmolLM2's):
 - default: non-overlapping windows [0, L), [L, 2L), ...; the last, shorter window is included.
   In each window positions 1..len-1 are scored (position 0 has no context in its window), so
   n_tokens = sum(len_w - 1);
@@ -8,12 +12,26 @@ Perplexity protocol (`perplexity`), for a token sequence [1, N] and a window len
   Windows start at 0, S, 2S, ... and end at min(start + L, N); the first window scores all its
   positions (1..len-1), every later window only the tokens past the previous window's end (its
   last S tokens, fewer in the final window). Every token but the first is scored exactly once,
-  each with at least L - S tokens of context;
-- PPL = exp(total NLL / scored tokens): one mean over tokens, never a mean of per-window PPLs.
+  each with at least L - S tokens of context.
+
+With a BOS prefix (`bos_id` set, window prefix "bos"): a leading `bos_id` in the ids (the
+tokenizer's own BOS before the corpus) is dropped, leaving N text tokens; every window is
+[bos_id] + a span of at most L - 1 text tokens, so it is at most L tokens long. The BOS is
+context only; every text token of the span is scored, the first one predicted from the BOS:
+- default: spans [0, L-1), [L-1, 2(L-1)), ...; every text token is scored exactly once,
+  n_tokens = N, windows = ceil(N / (L-1));
+- with `stride` S <= L - 1: spans start at 0, S, 2S, ... and end at min(start + L - 1, N);
+  the first window scores its whole span, every later one only the tokens past the previous
+  span's end. Every text token is scored exactly once, each with the BOS and at least
+  L - 1 - S text tokens of context.
+
+In both: PPL = exp(total NLL / scored tokens): one mean over tokens, never a mean of
+per-window PPLs.
 Losses are computed in fp32 from the logits with `F.cross_entropy(reduction="none")`, under
 `torch.no_grad()`, windows of equal length batched together.
 
-LiM ("lost in the middle") perplexity (`lim_perplexity`): non-overlapping windows as above; the
+LiM ("lost in the middle") perplexity (`lim_perplexity`): non-overlapping windows as above (with
+or without the BOS prefix); the
 j-th scored token of a window with m scored tokens (j = 0..m-1) falls in bucket
 floor(n_buckets * j / m). Every bucket gets its own PPL = exp(bucket NLL / bucket tokens); the
 LiM PPL is the mean of the bucket PPLs (over non-empty buckets). The buckets partition the
@@ -65,6 +83,7 @@ class PerplexityResult(_Result):
     tokens_per_s: float  # tokens fed to the model per second
     window_tokens: list[int] = field(default_factory=list)  # scored tokens per window
     window_nll: list[float] = field(default_factory=list)  # summed NLL per window
+    window_prefix: str = "none"  # "bos" (every window starts with BOS) or "none"
 
 
 @dataclass
@@ -81,6 +100,7 @@ class LimResult(_Result):
     seq_len: int
     n_windows: int
     seconds: float
+    window_prefix: str = "none"  # "bos" (every window starts with BOS) or "none"
 
 
 @dataclass
@@ -134,23 +154,31 @@ def _as_ids(token_ids: torch.Tensor) -> torch.Tensor:
     return ids.long()
 
 
-def windows(n: int, seq_len: int, stride: int | None = None) -> list[tuple[int, int, int]]:
-    """The windows of the protocol as (start, end, first scored position within the window)."""
+def windows(n: int, seq_len: int, stride: int | None = None, *, bos: bool = False) -> list[tuple[int, int, int]]:
+    """The windows of the protocol as (start, end, first scored offset) over n tokens.
+
+    Without `bos`: the window is ids[start:end] and it scores ids[start + first:end] (first >= 1).
+    With `bos`: the window is [BOS] + ids[start:end] (end - start <= seq_len - 1) and it scores
+    ids[start + first:end] (first >= 0: the first text token is predicted from the BOS)."""
+    from .errors import UsageError
+
     if seq_len < 2:
-        raise ValueError("seq_len must be >= 2")
+        raise UsageError(f"seq_len must be >= 2, got {seq_len}")
+    span, lo = (seq_len - 1, 0) if bos else (seq_len, 1)
     out = []
     if stride is None:
-        for start in range(0, n, seq_len):
-            end = min(start + seq_len, n)
-            if end - start >= 2:
-                out.append((start, end, 1))
+        for start in range(0, n, span):
+            end = min(start + span, n)
+            if end - start - lo >= 1:
+                out.append((start, end, lo))
         return out
-    if not 1 <= stride <= seq_len:
-        raise ValueError(f"stride must be in [1, seq_len={seq_len}], got {stride}")
+    if not 1 <= stride <= span:
+        raise UsageError(f"stride must be in [1, {'seq_len - 1' if bos else 'seq_len'}={span}]"
+                         f"{' with a BOS window prefix' if bos else ''}, got {stride}")
     prev_end = 0
     for start in range(0, n, stride):
-        end = min(start + seq_len, n)
-        first = max(1, prev_end - start)  # score only tokens past the previous window
+        end = min(start + span, n)
+        first = max(lo, prev_end - start)  # score only tokens past the previous window
         if end - first - start >= 1:
             out.append((start, end, first))
         prev_end = end
@@ -159,10 +187,17 @@ def windows(n: int, seq_len: int, stride: int | None = None) -> list[tuple[int, 
     return out
 
 
+def _window_input(ids: torch.Tensor, win: tuple[int, int, int], bos_id: int | None) -> torch.Tensor:
+    x = ids[win[0]:win[1]]
+    return x if bos_id is None else torch.cat([x.new_tensor([bos_id]), x])
+
+
 @torch.no_grad()
-def _score(model: nn.Module, ids: torch.Tensor, wins, batch_size: int, device, progress: bool, desc: str):
+def _score(model: nn.Module, ids: torch.Tensor, wins, batch_size: int, device, progress: bool, desc: str,
+           bos_id: int | None = None):
     """Yields (window index, per-token NLL [n_scored] fp32 on CPU) for every window."""
     device = torch.device(device) if device is not None else _model_device(model)
+    p = 0 if bos_id is None else 1  # input index of text offset j is j + p
     groups: dict[int, list[int]] = {}
     for i, (s, e, _) in enumerate(wins):
         groups.setdefault(e - s, []).append(i)
@@ -175,12 +210,12 @@ def _score(model: nn.Module, ids: torch.Tensor, wins, batch_size: int, device, p
     model.eval()  # no dropout while scoring; the mode is restored afterwards
     try:
         for batch in batches:
-            x = torch.stack([ids[wins[i][0]:wins[i][1]] for i in batch]).to(device)
+            x = torch.stack([_window_input(ids, wins[i], bos_id) for i in batch]).to(device)
             out = model(input_ids=x, attention_mask=torch.ones_like(x))
             logits = out.logits if hasattr(out, "logits") else out[0]
             for row, i in enumerate(batch):
-                first = wins[i][2]
-                lg = logits[row, first - 1:-1].float()  # predicts positions first..len-1
+                first = wins[i][2] + p
+                lg = logits[row, first - 1:-1].float()  # predicts input positions first..len-1
                 tgt = x[row, first:]
                 yield i, F.cross_entropy(lg, tgt, reduction="none").cpu()
             if bar is not None:
@@ -192,42 +227,52 @@ def _score(model: nn.Module, ids: torch.Tensor, wins, batch_size: int, device, p
             bar.close()
 
 
+def _prepare(token_ids, seq_len: int, stride: int | None, bos_id: int | None):
+    from .data import drop_leading
+
+    ids = drop_leading(_as_ids(token_ids), bos_id)
+    wins = windows(ids.numel(), seq_len, stride, bos=bos_id is not None)
+    if not wins:
+        raise ValueError(f"{ids.numel()} tokens give no scored position "
+                         f"(need at least {1 if bos_id is not None else 2})")
+    return ids, wins
+
+
 # ----------------------------------------------------------------------------- perplexity
 def perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, stride: int | None = None,
-               batch_size: int = 8, device=None, progress: bool = False) -> PerplexityResult:
-    """Perplexity of `token_ids` ([1, N]) with windows of `seq_len` (see the module docstring)."""
-    ids = _as_ids(token_ids)
-    wins = windows(ids.numel(), seq_len, stride)
-    if not wins:
-        raise ValueError(f"{ids.numel()} tokens give no scored position (need at least 2)")
+               batch_size: int = 8, device=None, progress: bool = False, *,
+               bos_id: int | None = None) -> PerplexityResult:
+    """Perplexity of `token_ids` ([1, N]) with windows of `seq_len` (see the module docstring).
+    `bos_id`: start every window with this token (hylorada.data.window_bos_id); None: no prefix."""
+    ids, wins = _prepare(token_ids, seq_len, stride, bos_id)
     w_tokens = [0] * len(wins)
     w_nll = [0.0] * len(wins)
     t0 = time.perf_counter()
-    for i, nll in _score(model, ids, wins, batch_size, device, progress, "perplexity"):
+    for i, nll in _score(model, ids, wins, batch_size, device, progress, "perplexity", bos_id):
         w_tokens[i] = nll.numel()
         w_nll[i] = float(nll.double().sum())
     seconds = time.perf_counter() - t0
     total, n = math.fsum(w_nll), sum(w_tokens)
-    fed = sum(e - s for s, e, _ in wins)
+    fed = sum(e - s + (bos_id is not None) for s, e, _ in wins)
     return PerplexityResult(ppl=math.exp(total / n), nll=total / n, n_tokens=n, total_nll=total,
                             n_windows=len(wins), seq_len=seq_len, stride=stride, seconds=seconds,
                             tokens_per_s=fed / seconds if seconds > 0 else float("inf"),
-                            window_tokens=w_tokens, window_nll=w_nll)
+                            window_tokens=w_tokens, window_nll=w_nll,
+                            window_prefix="none" if bos_id is None else "bos")
 
 
 def lim_perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, n_buckets: int = 10,
-                   batch_size: int = 8, device=None, progress: bool = False) -> LimResult:
-    """Per-token loss bucketed by relative position in the (non-overlapping) window."""
+                   batch_size: int = 8, device=None, progress: bool = False, *,
+                   bos_id: int | None = None) -> LimResult:
+    """Per-token loss bucketed by relative position in the (non-overlapping) window; `bos_id` as
+    in `perplexity`."""
     if n_buckets < 1:
         raise ValueError("n_buckets must be >= 1")
-    ids = _as_ids(token_ids)
-    wins = windows(ids.numel(), seq_len)
-    if not wins:
-        raise ValueError(f"{ids.numel()} tokens give no scored position (need at least 2)")
+    ids, wins = _prepare(token_ids, seq_len, None, bos_id)
     b_nll = torch.zeros(n_buckets, dtype=torch.float64)
     b_cnt = torch.zeros(n_buckets, dtype=torch.long)
     t0 = time.perf_counter()
-    for _, nll in _score(model, ids, wins, batch_size, device, progress, "LiM perplexity"):
+    for _, nll in _score(model, ids, wins, batch_size, device, progress, "LiM perplexity", bos_id):
         m = nll.numel()
         bucket = torch.div(torch.arange(m) * n_buckets, m, rounding_mode="floor")  # floor(n_b * j / m)
         b_nll.index_add_(0, bucket, nll.double())
@@ -241,7 +286,7 @@ def lim_perplexity(model: nn.Module, token_ids: torch.Tensor, seq_len: int, n_bu
     return LimResult(lim_ppl=sum(filled) / len(filled), ppl=math.exp(total / n), nll=total / n,
                      n_tokens=n, total_nll=total, n_buckets=n_buckets, bucket_ppl=bucket_ppl,
                      bucket_nll=bucket_nll, bucket_tokens=cnt, seq_len=seq_len, n_windows=len(wins),
-                     seconds=seconds)
+                     seconds=seconds, window_prefix="none" if bos_id is None else "bos")
 
 
 # ----------------------------------------------------------------------------- size

@@ -10,6 +10,15 @@
 - a hub id such as `HuggingFaceTB/SmolLM2-135M` (only where a hub is reachable).
 
 The model is returned in eval mode, on `device`, with weights in `dtype`.
+
+GGUF tokenizers are rebuilt by transformers from the file's vocabulary, and some versions get
+it wrong (transformers 5.17 tokenizes a Gemma-3 GGUF into 1.8x the tokens 5.23 gives), which
+makes every perplexity wrong. So a tokenizer that comes from a GGUF (a `.gguf` path or an alias,
+whose converted folder holds the tokenizer transformers built from the GGUF) must round-trip
+`ROUNDTRIP_SAMPLE`: decode(encode(x)) == x, without special tokens and without clean-up of
+spaces (`check_tokenizer_roundtrip`); otherwise `load_model` raises HyloradaError before any
+number is computed. TESTED_TRANSFORMERS is the version the tests pass on (pyproject.toml's
+lower bound).
 """
 from __future__ import annotations
 
@@ -26,6 +35,11 @@ import torch
 from . import assets
 
 log = logging.getLogger(__name__)
+
+TESTED_TRANSFORMERS = "5.23.0"
+ROUNDTRIP_SAMPLE = ("In the beginning God created the heaven and the earth.\n\n"
+                    "To be, or not to be: that is the question -- 1611, 1623; \"quoted\" (parens)\n"
+                    "  two spaces, a tab\there, caf\u00e9 na\u00efve \u00c6sop.\n")
 
 # alias -> (asset key, GGUF member)
 MODEL_ALIASES: dict[str, tuple[str, str]] = {
@@ -64,6 +78,7 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m", dtype: torch.dt
         folder = converted_folder(name)
         model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
+        check_tokenizer_roundtrip(tokenizer, f"{folder} (converted from {MODEL_ALIASES[name][1]})")
     elif Path(name).expanduser().is_dir():
         folder = Path(name).expanduser()
         if not (folder / "config.json").is_file():
@@ -79,6 +94,7 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m", dtype: torch.dt
         if not path.is_file():
             raise FileNotFoundError(f"no such GGUF file: {path}")
         model, tokenizer = _load_gguf(path, dtype)
+        check_tokenizer_roundtrip(tokenizer, str(path))
     else:
         if Path(name).exists() or name.startswith((".", "/", "~")):
             raise FileNotFoundError(f"{name!r} is neither a model folder nor a .gguf file")
@@ -111,6 +127,36 @@ def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
             if b.is_floating_point() and b.dtype != dtype and name not in keep:
                 setattr(module, name, b.to(dtype))
     return model
+
+
+def check_tokenizer_roundtrip(tokenizer, source: str, sample: str = ROUNDTRIP_SAMPLE) -> None:
+    """Raise HyloradaError unless decode(encode(sample)) == sample (no special tokens added,
+    special tokens skipped in decoding, no clean-up of spaces); `source` names the file."""
+    from .errors import HyloradaError
+
+    try:
+        ids = tokenizer(sample, add_special_tokens=False)["input_ids"]
+        back = tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+    except Exception as e:  # noqa: BLE001 - any failure here means the tokenizer is unusable
+        back, why = None, f"encoding/decoding failed ({type(e).__name__}: {e})"
+    if back == sample:
+        return
+    if back is not None:
+        i = next((k for k, (a, b) in enumerate(zip(sample, back)) if a != b), min(len(sample), len(back)))
+        why = (f"decode(encode(x)) != x: first difference at character {i}, expected "
+               f"{sample[i:i + 12]!r}, got {back[i:i + 12]!r}")
+    raise HyloradaError(
+        f"the tokenizer of {source} does not round-trip text: {why}. Its token counts and "
+        f"perplexities would be wrong. transformers {_transformers_version()} is installed; install the "
+        f"tested version: pip install 'transformers>={TESTED_TRANSFORMERS}'")
+
+
+def _transformers_version() -> str:
+    try:
+        from importlib.metadata import version
+        return version("transformers")
+    except Exception:  # noqa: BLE001
+        return "(unknown version)"
 
 
 def _load_gguf(path: Path, dtype: torch.dtype):

@@ -204,3 +204,88 @@ def test_pack_blocks_pads_the_last_block():
     assert exact["input_ids"].shape == (2, 4) and bool(exact["attention_mask"].all())
     assert (exact["labels"] != -100).all()
     assert pack_blocks(torch.tensor([5]), 3, pad_id=9)["input_ids"].tolist() == [[5, 9, 9]]
+
+
+# ----------------------------------------------------------------------------- window prefix (BOS)
+CHARS = [chr(i) for i in range(32, 127)] + ["\n"]
+BOS, EOS = 1, 2
+
+
+def char_tokenizer(bos: bool):
+    """A real fast tokenizer, one token per character (ids 3..98), BOS "<s>" = 1, EOS "</s>" = 2.
+    With `bos` its post-processor puts BOS before every text by default (as Llama/Gemma
+    tokenizers do); without, it has the same bos_token but adds nothing (as SmolLM2's)."""
+    from tokenizers import Tokenizer, decoders, models, processors
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"<unk>": 0, "<s>": BOS, "</s>": EOS, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    tk = Tokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>"))
+    tk.decoder = decoders.Fuse()
+    if bos:
+        tk.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", BOS)])
+    return PreTrainedTokenizerFast(tokenizer_object=tk, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+def test_window_prefix_is_read_from_the_tokenizer():
+    from hylorada.errors import UsageError
+
+    with_bos, without = char_tokenizer(True), char_tokenizer(False)
+    assert with_bos("ab").input_ids == [BOS, 68, 69] and without("ab").input_ids == [68, 69]
+    assert data.resolve_window_prefix(with_bos) == "bos" and data.window_bos_id(with_bos) == BOS
+    assert data.resolve_window_prefix(without) == "none" and data.window_bos_id(without) is None
+    assert data.window_bos_id(with_bos, "none") is None and data.window_bos_id(without, "bos") == BOS
+    assert data.resolve_window_prefix(CharTokenizer(bos=True)) == "none"  # no bos_token_id: nothing to add
+    with pytest.raises(UsageError, match="bos_token_id"):
+        data.resolve_window_prefix(CharTokenizer(bos=True), "bos")
+    with pytest.raises(UsageError, match="'first'.*allowed"):
+        data.resolve_window_prefix(with_bos, "first")
+
+
+def test_pack_blocks_with_bos_prefix():
+    ids = torch.arange(10, 20)
+    out = pack_blocks(ids, seq_len=4, pad_id=0, bos_id=BOS)
+    assert all(v.shape == (4, 4) and v.dtype == torch.long for v in out.values())
+    assert out["input_ids"].tolist() == [[1, 10, 11, 12], [1, 13, 14, 15], [1, 16, 17, 18], [1, 19, 0, 0]]
+    assert out["attention_mask"].tolist() == [[1, 1, 1, 1]] * 3 + [[1, 1, 0, 0]]
+    assert out["labels"].tolist() == [[-100, 10, 11, 12], [-100, 13, 14, 15], [-100, 16, 17, 18],
+                                      [-100, 19, -100, -100]]
+    # the targets the model trains on (labels shifted by one): every stream token exactly once
+    targets = out["labels"][:, 1:].reshape(-1)
+    assert targets[targets != -100].tolist() == ids.tolist()
+    # a leading BOS in the stream is the tokenizer's, not text: same blocks
+    again = pack_blocks(torch.cat([torch.tensor([BOS]), ids]), 4, 0, bos_id=BOS)
+    assert all(torch.equal(again[k], out[k]) for k in out)
+    with pytest.raises(ValueError, match="seq_len"):
+        pack_blocks(ids, 1, 0, bos_id=BOS)
+
+
+def test_training_blocks_of_a_bos_tokenizer_start_with_bos():
+    tok = char_tokenizer(True)
+    docs = ["In the beginning", "was the word.", "Amen"]
+    stream = token_stream(tok, docs, cache=False)
+    assert BOS not in stream.tolist()  # documents are joined by EOS, no special tokens
+    blocks = pack_blocks(stream, 8, tok.pad_token_id, bos_id=data.window_bos_id(tok))
+    assert (blocks["input_ids"][:, 0] == BOS).all() and (blocks["labels"][:, 0] == -100).all()
+    assert blocks["input_ids"].shape == (-(-stream.numel() // 7), 8)
+    targets = blocks["labels"][:, 1:].reshape(-1)
+    assert targets[targets != -100].tolist() == stream.tolist()
+    plain = pack_blocks(stream, 8, tok.pad_token_id, bos_id=data.window_bos_id(char_tokenizer(False)))
+    assert torch.equal(plain["input_ids"], pack_blocks(stream, 8, tok.pad_token_id)["input_ids"])
+
+
+@pytest.mark.parametrize("bos", [True, False])
+def test_calibration_blocks_start_with_bos_when_the_tokenizer_adds_one(tmp_path, monkeypatch, bos):
+    from hylorada.compress.whiten import calibration_blocks
+
+    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": f"document {i}: " + "abcdefghij" * 3}) + "\n" for i in range(20)))
+    tok = char_tokenizer(bos)
+    got = calibration_blocks(tok, str(corpus), n_blocks=6, seq_len=16, split="all", seed=0)
+    stream = token_stream(tok, load_corpus(corpus, "all"))
+    span = 15 if bos else 16
+    chunks = [stream[k * span:(k + 1) * span].tolist() for k in range(stream.numel() // span)]
+    assert got.shape == (6, 16)
+    for row in got.tolist():
+        assert (row[0] == BOS) == bos and BOS not in row[1:]
+        assert (row[1:] if bos else row) in chunks  # a whole aligned chunk of the stream

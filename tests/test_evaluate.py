@@ -347,3 +347,218 @@ def test_results_are_dataclasses_with_to_dict():
 
     for cls in (evaluate.PerplexityResult, evaluate.LimResult, evaluate.SizeResult, evaluate.ThroughputResult):
         assert dataclasses.is_dataclass(cls) and hasattr(cls, "to_dict")
+
+
+# ----------------------------------------------------------------------------- BOS window prefix
+BOS_ID = 1
+
+
+def _text_ids(n: int, seed: int) -> torch.Tensor:
+    """n text token ids that are never the BOS (the corpus a BOS tokenizer gives: [BOS] + these)."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(3, VOCAB, (n,), generator=g)
+
+
+def hand_bos_loop(model, text: list[int], L: int, stride: int | None = None) -> tuple[float, int]:
+    """Summed NLL and scored count, windows built here: [BOS] + text[b : b + L - 1] for b = 0,
+    S, 2S, ... (S = L - 1 without stride); each window scores the tokens past the previous
+    window's end, the first from the BOS alone; labels masked as in the HF perplexity guide."""
+    S = stride or L - 1
+    total, n, prev_end = 0.0, 0, 0
+    with torch.no_grad():
+        for begin in range(0, len(text), S):
+            end = min(begin + L - 1, len(text))
+            x = torch.tensor([[BOS_ID] + text[begin:end]])
+            labels = x.clone()
+            labels[0, :x.shape[1] - (end - prev_end)] = -100  # BOS and already-scored tokens
+            logp = torch.log_softmax(model(input_ids=x).logits.double(), dim=-1)[0, :-1]
+            tgt = labels[0, 1:]
+            keep = tgt != -100
+            total -= logp[keep].gather(1, tgt[keep][:, None]).sum().item()
+            n += int(keep.sum())
+            prev_end = end
+            if end == len(text):
+                break
+    return total, n
+
+
+@pytest.mark.parametrize("n,L,S", [(50, 8, 3), (50, 8, 7), (64, 16, 4), (17, 16, 15), (5, 8, 2), (100, 10, 1),
+                                   (50, 8, None), (14, 8, None), (1, 2, None)])
+def test_bos_windows_score_every_text_token_exactly_once(n, L, S):
+    """With BOS: spans of <= L - 1 text tokens; every text token (the first included) scored once."""
+    scored = []
+    for k, (start, end, first) in enumerate(windows(n, L, S, bos=True)):
+        assert 1 + end - start <= L and first >= 0
+        assert start == k * (S or L - 1)
+        if k == 0 or S is None:
+            assert first == 0
+        else:
+            assert first == L - 1 - S or end == n
+        scored.extend(range(start + first, end))
+    assert scored == list(range(n))
+    with pytest.raises(ValueError, match="stride"):
+        windows(n, L, L, bos=True)  # the span is L - 1: a stride of L would skip tokens
+
+
+@pytest.mark.parametrize("L,S", [(16, None), (16, 5), (16, 15), (9, 1)])
+def test_bos_perplexity_matches_hand_loop(L, S):
+    model = tiny_llama()
+    text = _text_ids(70, seed=5)
+    ids = torch.cat([torch.tensor([BOS_ID]), text])[None]  # as eval_ids gives it: [BOS] + text
+    total, n = hand_bos_loop(model, text.tolist(), L, S)
+    r = perplexity(model, ids, seq_len=L, stride=S, batch_size=3, bos_id=BOS_ID)
+    assert r.n_tokens == n == 70 and r.window_prefix == "bos"
+    if S is None:
+        assert r.n_windows == -(-70 // (L - 1))
+    assert r.total_nll == pytest.approx(total, rel=1e-5)
+    # the same text without the tokenizer's leading BOS gives the same windows
+    r2 = perplexity(model, text, seq_len=L, stride=S, batch_size=5, bos_id=BOS_ID)
+    assert (r2.n_tokens, r2.total_nll) == (r.n_tokens, pytest.approx(r.total_nll, rel=1e-6))
+    # and without a prefix it is the old protocol, a different number (Llama-style BOS matters)
+    old = perplexity(model, ids, seq_len=L, stride=S)
+    assert old.window_prefix == "none" and old.total_nll != pytest.approx(r.total_nll, rel=1e-6)
+
+
+@pytest.mark.parametrize("n_buckets", [1, 3, 10])
+def test_bos_lim_buckets_partition_the_text_tokens(n_buckets):
+    model = tiny_qwen2()
+    text = _text_ids(77, seed=6)
+    ids = torch.cat([torch.tensor([BOS_ID]), text])[None]
+    L = 20
+    total, n = hand_bos_loop(model, text.tolist(), L)
+    r = lim_perplexity(model, ids, seq_len=L, n_buckets=n_buckets, batch_size=2, bos_id=BOS_ID)
+    assert sum(r.bucket_tokens) == r.n_tokens == n == 77 and r.window_prefix == "bos"
+    bucket_total = sum(nll * c for nll, c in zip(r.bucket_nll, r.bucket_tokens))
+    assert bucket_total == pytest.approx(total, rel=1e-5)
+    # 19 scored (text) tokens per full window (4 of them), 1 in the last; j -> floor(n_b * j / m)
+    full = [sum(1 for j in range(19) if n_buckets * j // 19 == b) for b in range(n_buckets)]
+    assert r.bucket_tokens == [4 * f + (b == 0) for b, f in enumerate(full)]
+
+
+def _save_tiny_with(tok, tmp_path):
+    model_dir = tmp_path / "model"
+    model = tiny_llama()
+    model.save_pretrained(model_dir)
+    tok.save_pretrained(model_dir)
+    text = tmp_path / "text"
+    text.mkdir()
+    (text / "a.txt").write_text("In the beginning was the word.\nAnd the word was with God.\n")
+    (text / "b.txt").write_text("To be, or not to be: that is the question.")
+    return model, model_dir, text
+
+
+def test_cli_eval_with_a_bos_tokenizer_starts_every_window_with_bos(tmp_path, monkeypatch):
+    from hylorada import cli, data
+    from test_data import char_tokenizer
+
+    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
+    tok = char_tokenizer(bos=True)
+    model, model_dir, text = _save_tiny_with(tok, tmp_path)
+    joined = "\n\n".join(data.load_corpus(text, "all"))
+    plain_text = tok(joined, add_special_tokens=False).input_ids
+    out = tmp_path / "out.json"
+    for extra, hand in [([], hand_bos_loop(model, plain_text, 16)),
+                        (["--stride", "6"], hand_bos_loop(model, plain_text, 16, 6))]:
+        rc = cli.main(["eval", "--model", str(model_dir), "--data", str(text), "--split", "all", "--seq-len", "16",
+                       "--lim", "--n-buckets", "4", "--json", str(out), "--no-progress", *extra])
+        assert rc == 0
+        res = json.loads(out.read_text())
+        assert res["window_prefix"] == "bos" and res["perplexity"]["window_prefix"] == "bos"
+        assert res["perplexity"]["n_tokens"] == hand[1] == len(plain_text)
+        assert res["perplexity"]["total_nll"] == pytest.approx(hand[0], rel=1e-5)
+        assert sum(res["lim"]["bucket_tokens"]) == len(plain_text) and res["lim"]["window_prefix"] == "bos"
+    # --window-prefix none: the protocol without a prefix (the tokenizer's BOS only before window 0)
+    rc = cli.main(["eval", "--model", str(model_dir), "--data", str(text), "--split", "all", "--seq-len", "16",
+                   "--window-prefix", "none", "--json", str(out), "--no-progress"])
+    res = json.loads(out.read_text())
+    ref = perplexity(model, data.eval_ids(tok, data.load_corpus(text, "all")), 16)
+    assert rc == 0 and res["window_prefix"] == "none"
+    assert res["perplexity"]["total_nll"] == pytest.approx(ref.total_nll, rel=1e-5)
+    assert cli.main(["eval", "--model", str(model_dir), "--data", str(text), "--split", "all", "--seq-len", "16",
+                     "--stride", "16", "--no-progress"]) == 2  # the span is 15 with a BOS
+
+
+def test_cli_eval_without_bos_is_unchanged(tmp_path, monkeypatch):
+    """A tokenizer that adds no BOS (SmolLM2's kind): auto resolves to none, the old numbers."""
+    from hylorada import cli, data
+    from test_data import char_tokenizer
+
+    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
+    tok = char_tokenizer(bos=False)
+    model, model_dir, text = _save_tiny_with(tok, tmp_path)
+    out = tmp_path / "out.json"
+    assert cli.main(["eval", "--model", str(model_dir), "--data", str(text), "--split", "all", "--seq-len", "16",
+                     "--json", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    ids = data.eval_ids(tok, data.load_corpus(text, "all"))
+    n = ids.shape[1]
+    total = 0.0
+    with torch.no_grad():  # the old protocol, by hand: windows of 16, position 0 unscored
+        for s in range(0, n, 16):
+            w = ids[:, s:s + 16]
+            logp = torch.log_softmax(model(input_ids=w).logits.double(), dim=-1)
+            total -= logp[0, :-1].gather(1, w[0, 1:, None]).sum().item()
+    assert res["window_prefix"] == "none"
+    assert res["perplexity"]["n_tokens"] == n - -(-n // 16)
+    assert res["perplexity"]["total_nll"] == pytest.approx(total, rel=1e-5)
+
+
+def test_benchmark_cells_use_and_record_the_window_prefix(tmp_path, monkeypatch):
+    from hylorada import data
+    from hylorada.benchmark import CellRunner, make_config, plan_cells
+    from test_data import char_tokenizer
+
+    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
+    tok = char_tokenizer(bos=True)
+    model, model_dir, _ = _save_tiny_with(tok, tmp_path)
+    text = tmp_path / "corpus.jsonl"  # enough documents for train/valid/test splits
+    text.write_text("".join(json.dumps({"text": f"Verse {i}: and the word was with God."}) + "\n" for i in range(20)))
+    cfg = make_config("cpu-quick", model=str(model_dir), data=str(text), eval_seq_len=16, eval_max_tokens=None)
+    runner = CellRunner(cfg, progress=False)
+    spec = {"data": str(text), "eval_max_tokens": None, "eval_seq_len": 16, "lim_buckets": 2}
+    got = runner.evaluate(model, spec)
+    ids = data.eval_ids(tok, data.load_corpus(text, "test"))
+    total, n = hand_bos_loop(model, ids[0, 1:].tolist(), 16)
+    assert got["window_prefix"] == "bos" and got["test_tokens"] == n == ids.shape[1] - 1
+    assert got["test_ppl"] == pytest.approx(math.exp(total / n), rel=1e-5)
+    assert (runner.train_blocks(str(text), 8)["input_ids"][:, 0] == 1).all()
+    # "auto" leaves the cell keys of earlier runs alone; an explicit choice is part of the key
+    budget = {"rows": {}}
+    base = [c for c in plan_cells(cfg, budget, []) if c.id == "base"][0]
+    assert "window_prefix" not in base.spec
+    forced = make_config("cpu-quick", model=str(model_dir), data=str(text), eval_seq_len=16, eval_max_tokens=None,
+                         window_prefix="none")
+    assert [c for c in plan_cells(forced, budget, []) if c.id == "base"][0].key != base.key
+    assert CellRunner(forced, progress=False).evaluate(model, spec)["window_prefix"] == "none"
+    with pytest.raises(ValueError, match="window_prefix"):
+        make_config("cpu-quick", window_prefix="start")
+
+
+def test_finetune_and_compress_use_and_record_the_window_prefix(tmp_path, monkeypatch, one_thread):
+    import random
+
+    from hylorada import cli
+    from test_data import char_tokenizer
+
+    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
+    tok = char_tokenizer(bos=True)
+    _, model_dir, _ = _save_tiny_with(tok, tmp_path)
+    rng = random.Random(0)
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps({"text": " ".join(rng.choice(["abc", "de", "fgh"]) for _ in range(40))})
+                              + "\n" for _ in range(30)))
+    ft = tmp_path / "ft"
+    assert cli.main(["finetune", "--model", str(model_dir), "--data", str(corpus), "--steps", "1", "--seq-len", "16",
+                     "--batch-size", "2", "--eval-seq-len", "16", "--max-eval-tokens", "100", "--out", str(ft),
+                     "--no-progress"]) == 0
+    log = json.loads((ft / "finetune.json").read_text())
+    assert log["window_prefix"] == "bos"
+    assert log["ppl_before"]["test"]["n_tokens"] == 99  # 100 ids = the corpus BOS + 99 text tokens, all scored
+    cp = tmp_path / "cp"
+    assert cli.main(["compress", "--model", str(model_dir), "--method", "whiten", "--calib", str(corpus),
+                     "--calib-blocks", "4", "--calib-seq-len", "16", "--eval", str(corpus), "--eval-seq-len", "16",
+                     "--max-eval-tokens", "100", "--out", str(cp), "--no-progress", "--window-prefix", "none"]) == 0
+    res = json.loads((cp / "results.json").read_text())
+    assert res["window_prefix"] == "none"
+    assert all(v["window_prefix"] == "none" and v["n_tokens"] == 100 - -(-100 // 16)
+               for stage in res["perplexity"].values() for v in stage.values())

@@ -38,6 +38,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu | cuda | cuda:N (default: the preset's; "
                                                  "cuda presets fall back to cpu without a GPU)")
     p.add_argument("--no-peft", action="store_true", help="leave out the peft reference rows")
+    p.add_argument("--window-prefix", default=None, choices=["auto", "bos", "none"],
+                   help="start every window/block with BOS: auto (default; when the tokenizer adds one), "
+                        "bos, none; cells record the resolved value")
     p.add_argument("--list", action="store_true", help="list the cell ids and whether each is done, then exit")
     p.add_argument("--report-only", action="store_true",
                    help="compute nothing: rebuild results.json/results.md/plots from the stored cells")
@@ -68,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
     try:
         cfg = make_config(args.preset, model=args.model, data=args.data, seeds=args.seeds, steps=args.steps,
                           target_rank=args.target_rank, eval_max_tokens=args.eval_max_tokens, device=device,
-                          peft=False if args.no_peft else None)
+                          peft=False if args.no_peft else None, window_prefix=args.window_prefix)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -13,7 +13,9 @@ target linears (120M, 80000000) or a percentage of their current parameters kept
 Calibration: --calib-blocks random non-overlapping blocks of --calib-seq-len tokens from the
 train split of --calib (comma-separated corpora share the blocks). Perplexity: the test split
 of each --eval corpus, "\\n\\n"-joined, --eval-seq-len windows, the first --max-eval-tokens
-tokens, before and after compression (and after recovery). Recovery trains adapters on the
+tokens, before and after compression (and after recovery). --window-prefix auto|bos|none
+(default auto: when the tokenizer adds a BOS by default) starts every calibration block,
+recovery block and perplexity window with BOS; results.json records the resolved value. Recovery trains adapters on the
 factors (hylorada.compress.api.recover_compressed) and merges them back; the rank stays k.
 
 Writes into --out (atomically): config.json, model.safetensors, compress.json (ranks and the
@@ -108,6 +110,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--max-eval-tokens", type=int, default=51200,
                    help="first N test tokens per corpus (default: %(default)s; 0: all)")
     g.add_argument("--eval-batch-size", type=int, default=4)
+    g.add_argument("--window-prefix", default="auto", choices=["auto", "bos", "none"],
+                   help="start every calibration/recovery block and window with BOS: auto (when the "
+                        "tokenizer adds one), bos, none")
     g = p.add_argument_group("recovery (adapters on the factors, merged back)")
     g.add_argument("--recover-steps", type=int, default=0, help="optimizer steps (default: 0 = none)")
     g.add_argument("--recover-method", default="hylorada", choices=["lora", "dora", "hylorada", "lorada"])
@@ -128,23 +133,25 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def evaluate_corpora(model, tokenizer, corpora, seq_len: int, max_tokens: int | None,
-                     batch_size: int = 4, progress: bool = False) -> dict[str, dict]:
+                     batch_size: int = 4, progress: bool = False, window_prefix: str = "auto") -> dict[str, dict]:
     """{corpus: perplexity result dict} on the test split of each corpus."""
     from .. import data, evaluate
 
+    bos_id = data.window_bos_id(tokenizer, window_prefix)
     out = {}
     for name in [c.strip() for c in corpora.split(",")] if isinstance(corpora, str) else corpora:
         ids = data.eval_ids(tokenizer, data.load_corpus(name, "test"))
         if max_tokens:
             ids = ids[:, :max_tokens]
-        res = evaluate.perplexity(model, ids, seq_len, batch_size=batch_size, progress=progress).to_dict()
+        res = evaluate.perplexity(model, ids, seq_len, batch_size=batch_size, progress=progress,
+                                  bos_id=bos_id).to_dict()
         res.pop("window_tokens", None)
         res.pop("window_nll", None)
         out[name] = res
     return out
 
 
-def recovery_blocks(tokenizer, corpora, seq_len: int) -> dict:
+def recovery_blocks(tokenizer, corpora, seq_len: int, window_prefix: str = "auto") -> dict:
     """Training blocks (pack_blocks) of the train split of each corpus, concatenated."""
     import torch
 
@@ -152,8 +159,9 @@ def recovery_blocks(tokenizer, corpora, seq_len: int) -> dict:
 
     names = [c.strip() for c in corpora.split(",")] if isinstance(corpora, str) else list(corpora)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    parts = [data.pack_blocks(data.token_stream(tokenizer, data.load_corpus(n, "train")), seq_len, pad)
-             for n in names if n]
+    bos_id = data.window_bos_id(tokenizer, window_prefix)
+    parts = [data.pack_blocks(data.token_stream(tokenizer, data.load_corpus(n, "train")), seq_len, pad,
+                              bos_id=bos_id) for n in names if n]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
 
@@ -202,6 +210,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     timings["load_s"] = time.perf_counter() - t0
+    from ..data import resolve_window_prefix
+    window_prefix = resolve_window_prefix(tokenizer, args.window_prefix)
     max_eval = args.max_eval_tokens or None
     ppl: dict[str, dict] = {}
 
@@ -210,7 +220,7 @@ def run(args: argparse.Namespace) -> int:
             return
         t = time.perf_counter()
         ppl[stage] = evaluate_corpora(model, tokenizer, args.eval, args.eval_seq_len, max_eval,
-                                      args.eval_batch_size, progress)
+                                      args.eval_batch_size, progress, window_prefix)
         timings[f"eval_{stage}_s"] = time.perf_counter() - t
         print(f"  perplexity {stage:>10}: " + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in ppl[stage].items()))
 
@@ -220,7 +230,7 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "whiten":
         t = time.perf_counter()
         calibration = calibration_blocks(tokenizer, args.calib, args.calib_blocks, args.calib_seq_len,
-                                         seed=args.seed)
+                                         seed=args.seed, window_prefix=window_prefix)
         timings["calib_data_s"] = time.perf_counter() - t
     t = time.perf_counter()
     report = compress_model(model, config, calibration=calibration, progress=progress)
@@ -230,7 +240,7 @@ def run(args: argparse.Namespace) -> int:
     measure("compressed")
     recovery = None
     if args.recover_steps > 0:
-        blocks = recovery_blocks(tokenizer, args.recover_data, args.recover_seq_len)
+        blocks = recovery_blocks(tokenizer, args.recover_data, args.recover_seq_len, window_prefix)
         t = time.perf_counter()
         recovery = recover_compressed(
             model, blocks, method=args.recover_method, steps=args.recover_steps,
@@ -246,7 +256,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"  model size: {size_dense / 2**20:.1f} MB dense -> {size_after / 2**20:.1f} MB")
 
     results = {"command": "compress", "argv": sys.argv, "args": {k: v for k, v in vars(args).items() if k != "func"},
-               "report": report.to_dict(), "perplexity": ppl, "recovery": recovery,
+               "report": report.to_dict(), "window_prefix": window_prefix, "perplexity": ppl, "recovery": recovery,
                "size_bytes": {"dense": size_dense, "final": size_after}, "timings": timings, "env": env_info()}
     if args.out:
         out = save_compressed(model, args.out, report=report, tokenizer=tokenizer,

@@ -1,7 +1,12 @@
 """`hylorada eval`: perplexity (and optionally LiM perplexity) of a model on a corpus split.
 
     hylorada eval --model smollm2-135m --data kjv --split test --seq-len 512 \\
-        [--stride S] [--max-tokens N] [--batch-size B] [--lim] [--json out.json]
+        [--stride S] [--max-tokens N] [--batch-size B] [--lim] [--json out.json] \\
+        [--window-prefix auto|bos|none]
+
+--window-prefix: auto (default) starts every window with the tokenizer's BOS when the tokenizer
+adds one by default (the BOS is context, not scored; see hylorada/evaluate.py), bos always,
+none never. The resolved value is printed and recorded in the JSON.
 """
 from __future__ import annotations
 
@@ -33,6 +38,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--json", dest="json_out", default=None, help="write the results to this JSON file")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    p.add_argument("--window-prefix", default="auto", choices=["auto", "bos", "none"],
+                   help="start every window with BOS: auto (when the tokenizer adds one), bos, none")
     p.set_defaults(func=run)
     return p
 
@@ -58,6 +65,12 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     timings["load_s"] = time.perf_counter() - t0
+    window_prefix = data.resolve_window_prefix(tokenizer, args.window_prefix)
+    bos_id = tokenizer.bos_token_id if window_prefix == "bos" else None
+    if bos_id is not None and args.stride is not None and args.stride > args.seq_len - 1:
+        print(f"error: --stride {args.stride}: with a BOS window prefix it must be in "
+              f"[1, --seq-len - 1 = {args.seq_len - 1}] (or use --window-prefix none)", file=sys.stderr)
+        return 2
 
     t0 = time.perf_counter()
     docs = data.load_corpus(args.data, args.split)
@@ -73,18 +86,19 @@ def run(args: argparse.Namespace) -> int:
     lim = None
     if args.lim and args.stride is None:  # one pass gives both
         lim = evaluate.lim_perplexity(model, ids, args.seq_len, n_buckets=args.n_buckets,
-                                      batch_size=args.batch_size, progress=progress)
+                                      batch_size=args.batch_size, progress=progress, bos_id=bos_id)
         ppl = {"ppl": lim.ppl, "nll": lim.nll, "n_tokens": lim.n_tokens, "total_nll": lim.total_nll,
-               "n_windows": lim.n_windows, "seq_len": args.seq_len, "stride": None, "seconds": lim.seconds}
+               "n_windows": lim.n_windows, "seq_len": args.seq_len, "stride": None, "seconds": lim.seconds,
+               "window_prefix": lim.window_prefix}
     else:
         res = evaluate.perplexity(model, ids, args.seq_len, stride=args.stride, batch_size=args.batch_size,
-                                  progress=progress)
+                                  progress=progress, bos_id=bos_id)
         ppl = res.to_dict()
         ppl.pop("window_tokens")
         ppl.pop("window_nll")
         if args.lim:
             lim = evaluate.lim_perplexity(model, ids, args.seq_len, n_buckets=args.n_buckets,
-                                          batch_size=args.batch_size, progress=progress)
+                                          batch_size=args.batch_size, progress=progress, bos_id=bos_id)
     timings["eval_s"] = time.perf_counter() - t0
 
     rows = [
@@ -93,6 +107,7 @@ def run(args: argparse.Namespace) -> int:
         ("evaluated tokens", f"{ids.shape[1]:,}" + (f" (--max-tokens {args.max_tokens})" if args.max_tokens else "")),
         ("windows", f"{ppl['n_windows']} x {args.seq_len}" + (f", stride {args.stride}" if args.stride else
                                                             " (non-overlapping)")),
+        ("window prefix", window_prefix + (f" (BOS id {bos_id} starts every window)" if bos_id is not None else "")),
         ("scored tokens", f"{ppl['n_tokens']:,}"),
         ("perplexity", f"{ppl['ppl']:.4f}"),
         ("NLL / token", f"{ppl['nll']:.5f} nats"),
@@ -114,6 +129,7 @@ def run(args: argparse.Namespace) -> int:
             "args": {k: v for k, v in vars(args).items() if k != "func"},
             "data": {"name": str(args.data), "split": args.split, "documents": len(docs),
                      "tokens_total": int(total_tokens), "tokens_evaluated": int(ids.shape[1])},
+            "window_prefix": window_prefix,
             "perplexity": ppl,
             "lim": lim.to_dict() if lim is not None else None,
             "size": size.to_dict(),

@@ -8,7 +8,9 @@
 Training blocks: the train split's documents joined by EOS, cut into --seq-len blocks.
 In-training validation: the valid split packed the same way (first --max-eval-tokens tokens).
 Perplexity (before/after): valid and test splits, "\\n\\n"-joined, --eval-seq-len windows,
-first --max-eval-tokens tokens. Runs unchanged under `torchrun --nproc_per_node=K` (the
+first --max-eval-tokens tokens. --window-prefix auto|bos|none (default auto: when the
+tokenizer adds a BOS by default) starts every training block and perplexity window with BOS
+(hylorada/data.py, hylorada/evaluate.py); finetune.json records the resolved value. Runs unchanged under `torchrun --nproc_per_node=K` (the
 global batch --batch-size x --grad-accum does not depend on K; perplexity on the main process).
 
 Writes into --out: checkpoint-last/, checkpoint-best/ (resumable with --resume),
@@ -79,6 +81,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--eval-seq-len", type=int, default=512, help="perplexity window (default: %(default)s)")
     g.add_argument("--eval-batch-size", type=int, default=4, help="perplexity windows per forward")
     g.add_argument("--no-eval-before", action="store_true", help="skip the perplexity before training")
+    g.add_argument("--window-prefix", default="auto", choices=["auto", "bos", "none"],
+                   help="start every block and window with BOS: auto (when the tokenizer adds one), bos, none")
     g.add_argument("--out", required=True, help="output directory")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-last")
     g.add_argument("--merge", action="store_true", help="also save the merged model (OUT/merged)")
@@ -162,14 +166,17 @@ def run(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    window_prefix = data.resolve_window_prefix(tokenizer, args.window_prefix)
+    bos_id = tokenizer.bos_token_id if window_prefix == "bos" else None
     train_ids = data.token_stream(tokenizer, data.load_corpus(args.data, "train"))
     n_train_tokens = int(train_ids.numel())
     if args.max_train_tokens:
         train_ids = train_ids[: args.max_train_tokens]
-    train_blocks = data.pack_blocks(train_ids, args.seq_len, pad_id)
+    train_blocks = data.pack_blocks(train_ids, args.seq_len, pad_id, bos_id=bos_id)
     valid_docs, test_docs = data.load_corpus(args.data, "valid"), data.load_corpus(args.data, "test")
     valid_stream = data.token_stream(tokenizer, valid_docs)
-    valid_blocks = data.pack_blocks(valid_stream[:max_eval] if max_eval else valid_stream, args.seq_len, pad_id)
+    valid_blocks = data.pack_blocks(valid_stream[:max_eval] if max_eval else valid_stream, args.seq_len, pad_id,
+                                   bos_id=bos_id)
     eval_sets = {"valid": data.eval_ids(tokenizer, valid_docs), "test": data.eval_ids(tokenizer, test_docs)}
     if max_eval:
         eval_sets = {k: v[:, :max_eval] for k, v in eval_sets.items()}
@@ -193,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
             m.to(device)
             for split, ids in eval_sets.items():
                 r = evaluate.perplexity(m, ids, args.eval_seq_len, batch_size=args.eval_batch_size,
-                                        device=device, progress=not args.no_progress)
+                                        device=device, progress=not args.no_progress, bos_id=bos_id)
                 res[split] = {"ppl": r.ppl, "nll": r.nll, "n_tokens": r.n_tokens, "seconds": r.seconds}
                 say(f"{when}: {split} perplexity {r.ppl:.4f} ({r.n_tokens:,} tokens, {r.seconds:.1f} s)")
         accelerator.wait_for_everyone()
@@ -227,6 +234,7 @@ def run(args: argparse.Namespace) -> int:
         "world_size": accelerator.num_processes,
         "device": str(device),
         "ppl_before": ppl_before,
+        "window_prefix": window_prefix,
     }
     try:
         result = train(wrapped, train_blocks, valid_blocks, train_config, accelerator=accelerator)
