@@ -425,7 +425,8 @@ def test_lorada_on_gpt2_scales_only_the_query_slice():
 
 # ------------------------------------------------------------------------------- float64
 def _peft_dora_fp64(ours: HyLoRADAModel) -> nn.Module:
-    """peft DoRA on an fp64 tiny Llama carrying our A, B and m = c·||W'||_row (for DoRA that is m)."""
+    """peft DoRA on an fp64 tiny Llama carrying our A, B and m (DoRA), or for HyLoRADA
+    m = c·||W'||_row with c = (1-β)·(m0 + σ(gate)·(m - m0))/||W'||_row + β from the direct norm."""
     cfg = peft.LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=list(ours.target_names),
                           use_dora=True, init_lora_weights=True)
     theirs = peft.get_peft_model(tiny_llama().double(), cfg)
@@ -434,8 +435,12 @@ def _peft_dora_fp64(ours: HyLoRADAModel) -> nn.Module:
             pl = theirs.base_model.model.get_submodule(name)
             pl.lora_A["default"].weight.copy_(layer.lora_A)
             pl.lora_B["default"].weight.copy_(layer.lora_B)
-            n = direct_weight_norm(layer.base_layer, layer.lora_A, layer.lora_B, layer.scaling)
-            pl.lora_magnitude_vector["default"].weight.copy_(layer.row_scale() * n)
+            m = layer.magnitude
+            if isinstance(layer, HyLoRADALayer):
+                n = direct_weight_norm(layer.base_layer, layer.lora_A, layer.lora_B, layer.scaling)
+                g, beta = 1 / (1 + torch.exp(-layer.gate)), 1 / (1 + torch.exp(-layer.residual))
+                m = ((1 - beta) * (layer.magnitude_init + g * (m - layer.magnitude_init)) / n + beta) * n
+            pl.lora_magnitude_vector["default"].weight.copy_(m)
     return theirs
 
 
