@@ -726,3 +726,21 @@ def test_config_round_trip(tmp_path):
     assert HyLoRADAConfig().init_lora_weights == "orthogonal" and HyLoRADAConfig(method="dora").init_lora_weights == "kaiming"
     with pytest.raises(ValueError, match="unknown fields"):
         HyLoRADAConfig.from_dict({"lora_rnk": 4})
+
+
+def test_query_norm_temperature_is_applied_in_fp32_on_bf16_activations():
+    """bf16 model (fp32 τ, as adapters of half-precision bases): τ - 1 = 0.003 (below bf16's
+    step at 1) must show in the bf16 output of the wrapped q_norm: the slope
+    of out(τ) against out(τ = 1) is 0.003 to 1e-4 (a τ cast to bf16 first gives 0)."""
+    model = HyLoRADAModel(tiny_qwen3().to(torch.bfloat16),
+                          HyLoRADAConfig(method="lorada", lora_rank=4, lora_dropout=0.0))
+    wrapper = model.model.get_submodule("model.layers.0.self_attn.q_norm")
+    q = model.model.get_submodule("model.layers.0.self_attn.q_proj")
+    x = torch.randn(8, 64, 4, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        one = wrapper(x).double()
+        q.temperature.fill_(1.003)
+        out = wrapper(x)
+    assert out.dtype == torch.bfloat16
+    slope = ((out.double() * one).sum() / (one * one).sum()).item() - 1
+    assert abs(slope - 0.003) <= 1e-4, slope

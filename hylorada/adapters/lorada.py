@@ -104,17 +104,20 @@ class QueryNormTemperature(nn.Module):
         self._source = []
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """τ is applied in its own dtype (at least fp32) and the result rounded once to the
+        norm's output dtype: a bf16 τ would erase changes below 2^-8 (as the fused path's c)."""
         out = self.norm(x)
-        tau = self.tau().to(out.dtype)
+        tau = self.tau()
+        wide = out.to(torch.promote_types(out.dtype, tau.dtype))
         h, d = self.n_heads, self.head_dim
         if h == 1:
-            return out * tau
+            return (wide * tau).to(out.dtype)
         if out.shape[-1] == h * d:
-            return (out.unflatten(-1, (h, d)) * tau[:, None]).flatten(-2)
+            return (wide.unflatten(-1, (h, d)) * tau[:, None]).flatten(-2).to(out.dtype)
         if out.shape[-1] == d:
             shape = [1] * out.dim()
             shape[head_axis(x, h, d)] = h
-            return out * tau.view(shape)
+            return (wide * tau.view(shape)).to(out.dtype)
         raise HyloradaError(f"LoRaDA: the query norm's output has last dim {out.shape[-1]}, neither "
                             f"head_dim={d} nor n_heads*head_dim={h * d}; this attention layout is "
                             "not supported with method='lorada'")
