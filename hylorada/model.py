@@ -6,6 +6,7 @@ The base model is frozen and wrapped in place: every matching `nn.Linear`, GPT-2
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import tempfile
@@ -18,6 +19,7 @@ from torch import nn
 
 from .adapters import ADAPTER_CLASSES, AdapterLayer
 from .adapters.dora import direct_weight_norm
+from .adapters.lorada import QueryNormTemperature, find_query_norm
 from .compress.factorized import FactorizedLinear
 from .config import ALL_LINEAR, ATTENTION_TARGETS, HyLoRADAConfig
 from .errors import UsageError
@@ -34,6 +36,7 @@ QUERY_NAMES = ("q_proj", "query", "q", "qkv_proj")
 # config.ATTENTION_TARGETS does not list): Llama-style, Phi-3 (fused qkv_proj), OPT, GPT-2, GPT-NeoX
 ATTENTION_SUFFIXES = ("q_proj", "k_proj", "v_proj", "o_proj", "qkv_proj", "self_attn.out_proj",
                       "attn.c_attn", "attn.c_proj", "attention.query_key_value", "attention.dense")
+log = logging.getLogger(__name__)
 
 
 def linear_layer_names(model: nn.Module) -> list[str]:
@@ -153,6 +156,7 @@ class HyLoRADAModel(nn.Module):
             p.requires_grad_(False)
         names = target_names if target_names is not None else match_targets(model, config.target_modules)
         self.target_names: list[str] = list(names)
+        self.query_norm_names: list[str] = []  # LoRaDA: norms on q wrapped by QueryNormTemperature
         self._inject()
         self._unloaded = False
 
@@ -172,11 +176,24 @@ class HyLoRADAModel(nn.Module):
             layer = cls(base, cfg, name, **kwargs)
             layer.train(base.training)  # an eval-mode model stays in eval mode (no adapter dropout)
             parent_name, _, child = name.rpartition(".")
-            setattr(model.get_submodule(parent_name) if parent_name else model, child, layer)
+            parent = model.get_submodule(parent_name) if parent_name else model
+            setattr(parent, child, layer)
+            if kwargs:
+                self._temperature_after_query_norm(parent_name, parent, layer)
         if cfg.method == "lorada" and q_layers == 0:
             raise ValueError(
                 "HyLoRADAConfig.method='lorada' needs the query projection among target_modules "
                 f"(a layer named one of {list(QUERY_NAMES) + ['c_attn']}); got {cfg.target_modules!r}")
+
+    def _temperature_after_query_norm(self, parent_name: str, attention: nn.Module, layer: nn.Module) -> None:
+        """LoRaDA on an attention that normalises q after q_proj (adapters/lorada.py): τ moves
+        behind the norm, which would otherwise cancel it."""
+        norm_name = find_query_norm(attention)
+        if norm_name is None:
+            return
+        layer.after_norm = True
+        setattr(attention, norm_name, QueryNormTemperature(getattr(attention, norm_name), layer))
+        self.query_norm_names.append(f"{parent_name}.{norm_name}" if parent_name else norm_name)
 
     # ---- pass-through ---------------------------------------------------------------------
     def forward(self, *args: Any, **kwargs: Any) -> Any:
@@ -295,13 +312,34 @@ class HyLoRADAModel(nn.Module):
             layer.unmerge()
 
     def merge_and_unload(self) -> nn.Module:
-        """Merge every adapter into its base layer and return the plain transformers model."""
+        """Merge every adapter into its base layer and return the plain transformers model.
+
+        Exception (LoRaDA on a model with a norm on q, adapters/lorada.py): the temperatures
+        cannot fold into the weights, so each `QueryNormTemperature` stays in place with a frozen
+        copy of τ; the outputs are exact, but the model is not a plain transformers model
+        (a warning says so)."""
         self.merge()
+        for name in self.query_norm_names:
+            self.model.get_submodule(name).detach_temperature()
+        if self.query_norm_names:
+            log.warning(
+                "merge_and_unload: the LoRaDA temperatures act after the query norm of %d attention "
+                "layers (e.g. '%s') and cannot be folded into weights; they stay as "
+                "QueryNormTemperature modules, so the merged model is exact but NOT a plain "
+                "transformers model (its state dict has '<norm>.norm.weight' and '<norm>.temperature'; "
+                "from_pretrained of the model class cannot load it). Keep the adapter instead "
+                "(save_adapter) to share it.", len(self.query_norm_names), self.query_norm_names[0])
+        self.query_norm_names = []
         return self._restore_base_layers()
 
     def unload(self) -> nn.Module:
         """Drop the adapters (unmerging first if merged) and return the original model."""
         self.unmerge()
+        for name in self.query_norm_names:
+            parent_name, _, child = name.rpartition(".")
+            parent = self.model.get_submodule(parent_name) if parent_name else self.model
+            setattr(parent, child, getattr(parent, child).norm)
+        self.query_norm_names = []
         return self._restore_base_layers()
 
     def _restore_base_layers(self) -> nn.Module:
@@ -321,9 +359,12 @@ class HyLoRADAModel(nn.Module):
         """
         cfg = self.adapter_config
         if cfg.method == "lorada":
-            raise ValueError("export_peft: method='lorada' has per-head attention temperatures that "
-                             "peft cannot express; allowed methods: 'lora', 'dora', 'hylorada'. Use "
-                             "merge_and_unload() and save_pretrained() to export the merged model.")
+            where = ("; on this model they act after the query norm and do not even merge into "
+                     "weights, so use save_adapter()" if self.query_norm_names else
+                     ". Use merge_and_unload() and save_pretrained() to export the merged model.")
+            raise ValueError("export_peft: method='lorada' has per-head attention temperatures "
+                             "(LoRaDA's 'temperature') that peft cannot express; allowed methods: "
+                             f"'lora', 'dora', 'hylorada'{where}")
         if self.merged:
             raise ValueError("export_peft on a merged model: call unmerge() first")
         tensors: dict[str, torch.Tensor] = {}

@@ -2,13 +2,17 @@
 from __future__ import annotations
 
 import json
+import logging
 import math
 
 import pytest
 import torch
 from conftest import FACTORIES, VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
+from torch import nn
+from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen3Config
 
 from hylorada import HyLoRADAConfig, HyLoRADAModel
+from hylorada.adapters import DoRALayer, HyLoRADALayer
 from hylorada.adapters.dora import direct_weight_norm, factored_weight_norm
 from hylorada.compress.factorized import FactorizedLinear
 from hylorada.layers import dense_weight
@@ -38,6 +42,28 @@ def randomize(model: HyLoRADAModel, seed: int = 7) -> None:
 
 def logits(model, ids):
     return model(input_ids=ids).logits
+
+
+def tiny_qwen3(seed: int = 0) -> nn.Module:
+    """Qwen3: per-head RMSNorm q_norm/k_norm on [b, s, h, d] (before the transpose); GQA 4/2.
+    initializer_range 0.2 so that attention is far from uniform (a temperature matters)."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(Qwen3Config(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        tie_word_embeddings=True, initializer_range=0.2)).eval()
+
+
+def tiny_gemma3(seed: int = 0) -> nn.Module:
+    """Gemma-3: q_norm (weight 1 + w) on [b, h, s, d] (after the transpose), scaled embeddings."""
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(Gemma3TextConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=256,
+        sliding_window=8, query_pre_attn_scalar=8, initializer_range=0.2)).eval()
+
+
+QNORM_FACTORIES = {"qwen3": tiny_qwen3, "gemma3": tiny_gemma3}
 
 
 # ---------------------------------------------------------------------------------- identity
@@ -145,13 +171,6 @@ def test_zero_norm_row_gives_no_nan(input_ids):
     assert torch.isfinite(out).all() and (out - ref).abs().max() <= 1e-6
 
 
-def test_dora_norm_is_detached():
-    model = wrap("llama", "dora")
-    randomize(model)
-    _, layer = next(model.adapter_layers())
-    assert not layer.weight_norm().requires_grad
-
-
 def test_dropout_formula_in_training_mode():
     """DoRA with dropout d on the low-rank path: y = c ⊙ (W x + s·B A d(x)) + b."""
     model = HyLoRADAModel(tiny_qwen2(), HyLoRADAConfig(method="dora", lora_dropout=0.3, lora_rank=4))
@@ -200,22 +219,169 @@ def test_fused_path_equals_reference_path(arch, method, dropout, input_ids):
         assert (ga[k] - gb[k]).abs().max().item() <= 1e-10 * scale, k
 
 
+class _OneLinear(nn.Module):
+    """A single fp32 layer, so that peft and ours wrap the same thing."""
+
+    def __init__(self, d_in: int = 64, d_out: int = 128) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.proj = nn.Linear(d_in, d_out, bias=False).requires_grad_(False)  # frozen: fused path
+
+
+def _scaled_outputs(layer: DoRALayer, x: torch.Tensor, c_minus_1: float, peft_layer=None) -> torch.Tensor:
+    """Set m = (1 + c_minus_1)·||W'||_row (so c = 1 + c_minus_1 exactly in fp32) and return the
+    layer's output under bf16 autocast."""
+    n = direct_weight_norm(layer.base_layer, layer.lora_A, layer.lora_B, layer.scaling).float()
+    with torch.no_grad():
+        layer.magnitude.copy_((1 + c_minus_1) * n)
+        if peft_layer is not None:
+            peft_layer.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        return (peft_layer if peft_layer is not None else layer)(x).float()
+
+
+@pytest.mark.parametrize("c_minus_1, tol", [(0.003, 1e-4), (0.01, 3e-4)])
+def test_fused_row_scale_is_not_rounded_to_bf16(c_minus_1, tol):
+    """Under bf16 autocast (fp32 base) a change of c below bf16's step at 1 (2^-7) must reach the
+    output: the least-squares slope of y(c) against y(c = 1) (same path) is c - 1 on the fused
+    path, the reference path and peft's DoRA alike. Tolerance: rounding round(c ⊙ z) of a bf16 z
+    moves the slope by ~3e-5 at 0.003 and 2.5e-4 at 0.01 (reference path too; peft returns fp32
+    there). Folding c into bf16 weights (the old fused path) gave 0 and 0.0069."""
+    model = _OneLinear()
+    layer = DoRALayer(model.proj, HyLoRADAConfig(method="dora", lora_rank=4, lora_alpha=8.0, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.1)
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+    x = torch.randn(1024, 64, generator=g)
+    cfg = peft.LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=["proj"], use_dora=True)
+    theirs = peft.get_peft_model(_OneLinear(), cfg)
+    pl = theirs.base_model.model.proj
+    with torch.no_grad():
+        pl.lora_A["default"].weight.copy_(layer.lora_A)
+        pl.lora_B["default"].weight.copy_(layer.lora_B)
+    slopes = {}
+    for path in ("fused", "reference", "peft"):
+        layer.fused = path == "fused"
+        with torch.no_grad():
+            y1 = _scaled_outputs(layer, x, 0.0, pl if path == "peft" else None).double()
+            y = _scaled_outputs(layer, x, c_minus_1, pl if path == "peft" else None).double()
+        slopes[path] = ((y * y1).sum() / (y1 * y1).sum()).item() - 1
+    assert abs(slopes["reference"] - c_minus_1) <= tol, slopes
+    assert abs(slopes["peft"] - c_minus_1) <= tol, slopes
+    assert abs(slopes["fused"] - slopes["reference"]) <= 1e-4, slopes
+    assert abs(slopes["fused"] - slopes["peft"]) <= tol, slopes
+
+
+def test_fused_gradients_match_reference_under_bf16_autocast():
+    """dL/dx, dL/dA, dL/dB, dL/dm of the fused path against plain autograd, bf16 autocast, with
+    c - 1 = 0.003 and a bias (which stays outside c): within bf16 rounding (2e-2 of the norm)."""
+    results = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        base = nn.Linear(64, 128).requires_grad_(False)  # frozen base: the fused path applies
+        layer = DoRALayer(base, HyLoRADAConfig(method="dora", lora_rank=4, lora_dropout=0.0, fused=fused))
+        g = torch.Generator().manual_seed(3)
+        with torch.no_grad():
+            layer.lora_A.copy_(torch.randn(layer.lora_A.shape, generator=g) * 0.1)
+            layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g) * 0.1)
+            layer.magnitude.mul_(1.003)
+        x = torch.randn(256, 64, generator=g, requires_grad=True)
+        w = torch.randn(256, 128, generator=g)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = layer(x)
+        (y.float() * w).sum().backward()
+        results[fused] = {"y": y.detach().float(), "x": x.grad, "A": layer.lora_A.grad,
+                          "B": layer.lora_B.grad, "m": layer.magnitude.grad}
+    for k in results[True]:
+        a, b = results[True][k], results[False][k]
+        assert a is not None and b.abs().max() > 0, k
+        assert ((a - b).norm() / b.norm()).item() <= 2e-2, k
+
+
 # ------------------------------------------------------------------------------- HyLoRADA math
-def test_hylorada_formula_against_direct_computation():
-    model = wrap("qwen2", "hylorada")
-    randomize(model)
-    _, layer = next(model.adapter_layers())
-    x = torch.randn(4, layer.in_features)
-    W = dense_weight(layer.base_layer).double()
-    Wp = W + layer.scaling * (layer.lora_B.double() @ layer.lora_A.double())
-    g, beta = torch.sigmoid(layer.gate.double()), torch.sigmoid(layer.residual.double())
-    m_eff = g * layer.magnitude.double() + (1 - g) * layer.magnitude_init.double()
-    c = (1 - beta) * m_eff / Wp.norm(dim=1) + beta
-    dora = (m_eff / Wp.norm(dim=1)) * (x.double() @ Wp.T)
-    lora = x.double() @ Wp.T
-    ref = (1 - beta) * dora + beta * lora + layer.base_layer.bias.double()
-    assert torch.allclose(layer(x).double(), ref, atol=1e-5)
-    assert torch.allclose(c * (x.double() @ Wp.T) + layer.base_layer.bias.double(), ref, atol=1e-10)
+def _hylorada_by_hand(m, m0, gate, residual, W, b, A, B, s, x):
+    """y = [(1-β)·(m0 + σ(gate)·(m - m0))/||W'||_row + β] ⊙ (W' x) + b, W' = W + s·B A,
+    ||W'||_row treated as a constant in backward (DoRA §4.3), β = σ(residual)."""
+    Wp = W + s * B @ A
+    n = Wp.detach().pow(2).sum(1).sqrt()
+    g, beta = 1 / (1 + torch.exp(-gate)), 1 / (1 + torch.exp(-residual))
+    c = (1 - beta) * (m0 + g * (m - m0)) / n + beta
+    return c * (x @ Wp.T) + b
+
+
+def _fp64_hylorada_layer(fused: bool) -> HyLoRADALayer:
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10).double().requires_grad_(False)
+    layer = HyLoRADALayer(base, HyLoRADAConfig(method="hylorada", lora_rank=3, lora_dropout=0.0, fused=fused))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=torch.float64) * 0.3)
+        layer.magnitude.add_(torch.randn(10, generator=g, dtype=torch.float64) * 0.3)
+        layer.gate.fill_(0.7)
+        layer.residual.fill_(-0.4)
+    return layer
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_hylorada_forward_and_gradients_against_hand_formula(fused):
+    """Output and dL/d(m, gate, residual, A, B, x) of the layer (fp64, fused and reference path)
+    against autograd of the hand-written formula, which shares no code with the library."""
+    layer = _fp64_hylorada_layer(fused)
+    x = torch.randn(7, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+    w = torch.randn(7, 10, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = layer(x)
+    (y * w).sum().backward()
+    params = [layer.magnitude, layer.gate, layer.residual, layer.lora_A, layer.lora_B]
+    ours = [p.grad for p in params] + [x.grad]
+    leaves = [p.detach().clone().requires_grad_(True) for p in params]
+    xr = x.detach().clone().requires_grad_(True)
+    m, gate, residual, A, B = leaves
+    ref = _hylorada_by_hand(m, layer.magnitude_init, gate, residual, layer.base_layer.weight,
+                            layer.base_layer.bias, A, B, layer.scaling, xr)
+    (ref * w).sum().backward()
+    assert (y - ref).abs().max().item() <= 1e-12
+    for name, a, b in zip(["m", "gate", "residual", "A", "B", "x"], ours, [p.grad for p in leaves] + [xr.grad]):
+        assert b.abs().max() > 0 and (a - b).abs().max().item() <= 1e-10 * b.abs().max().item(), name
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_hylorada_scale_parameters_gradcheck(fused):
+    """Finite differences (torch.autograd.gradcheck, fp64) of the layer as a function of
+    magnitude, gate and residual (on which ||W'|| does not depend, so the analytic gradient must
+    be the true one) — checks the fused backward's dL/dc and the chain rule through c."""
+    layer = _fp64_hylorada_layer(fused)
+    x = torch.randn(5, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(2))
+
+    def f(m, gate, residual):
+        return torch.func.functional_call(layer, {"magnitude": m, "gate": gate, "residual": residual}, (x,))
+
+    inputs = tuple(p.detach().clone().requires_grad_(True) for p in (layer.magnitude, layer.gate, layer.residual))
+    assert torch.autograd.gradcheck(f, inputs, eps=1e-6, atol=1e-8, rtol=1e-6)
+
+
+def test_dora_norm_is_a_constant_in_backward():
+    """DoRA's ||W'||_row is detached (DoRA §4.3, as peft): dL/dA and dL/dB equal the hand formula
+    with a detached norm and differ from the one that differentiates through it."""
+    torch.manual_seed(0)
+    base = nn.Linear(12, 10, bias=False).double().requires_grad_(False)
+    layer = DoRALayer(base, HyLoRADAConfig(method="dora", lora_rank=3, lora_dropout=0.0))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        layer.lora_B.copy_(torch.randn(layer.lora_B.shape, generator=g, dtype=torch.float64) * 0.3)
+        layer.magnitude.mul_(1.5)
+    x = torch.randn(7, 12, dtype=torch.float64, generator=g)
+    for fused in (True, False):
+        layer.fused = fused
+        layer.zero_grad()
+        layer(x).pow(2).sum().backward()
+        for detach in (True, False):
+            A, B = (layer.lora_A.detach().clone().requires_grad_(True), layer.lora_B.detach().clone().requires_grad_(True))
+            Wp = base.weight + layer.scaling * B @ A
+            n = Wp.norm(dim=1)
+            ((layer.magnitude.detach() / (n.detach() if detach else n))[None] * (x @ Wp.T)).pow(2).sum().backward()
+            err = max((layer.lora_A.grad - A.grad).abs().max().item(), (layer.lora_B.grad - B.grad).abs().max().item())
+            assert (err <= 1e-10) if detach else (err > 1e-3), (fused, detach, err)
 
 
 def test_hylorada_init_orthonormal_rows():
@@ -255,6 +421,165 @@ def test_lorada_on_gpt2_scales_only_the_query_slice():
         layer.temperature.fill_(2.0)
     t = layer.row_scale()
     assert t.shape == (96,) and torch.all(t[:32] == 2.0) and torch.all(t[32:] == 1.0)
+
+
+# ------------------------------------------------------------------------------- float64
+def _peft_dora_fp64(ours: HyLoRADAModel) -> nn.Module:
+    """peft DoRA on an fp64 tiny Llama carrying our A, B and m (DoRA), or for HyLoRADA
+    m = c·||W'||_row with c = (1-β)·(m0 + σ(gate)·(m - m0))/||W'||_row + β from the direct norm."""
+    cfg = peft.LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=list(ours.target_names),
+                          use_dora=True, init_lora_weights=True)
+    theirs = peft.get_peft_model(tiny_llama().double(), cfg)
+    with torch.no_grad():
+        for name, layer in ours.adapter_layers():
+            pl = theirs.base_model.model.get_submodule(name)
+            pl.lora_A["default"].weight.copy_(layer.lora_A)
+            pl.lora_B["default"].weight.copy_(layer.lora_B)
+            m = layer.magnitude
+            if isinstance(layer, HyLoRADALayer):
+                n = direct_weight_norm(layer.base_layer, layer.lora_A, layer.lora_B, layer.scaling)
+                g, beta = 1 / (1 + torch.exp(-layer.gate)), 1 / (1 + torch.exp(-layer.residual))
+                m = ((1 - beta) * (layer.magnitude_init + g * (m - layer.magnitude_init)) / n + beta) * n
+            pl.lora_magnitude_vector["default"].weight.copy_(m)
+    return theirs
+
+
+@pytest.mark.parametrize("method", ["dora", "hylorada"])
+def test_dora_family_is_exact_in_float64(method, input_ids):
+    """An fp64 model stays fp64: c = 1 at init to 1e-12, merge -> unmerge restores W to 1e-12,
+    outputs equal peft's DoRA (fp64) to 1e-10. (Norms and merge in fp32 gave 6e-8 and 2e-7.)"""
+    model = HyLoRADAModel(tiny_llama().double(), HyLoRADAConfig(
+        method=method, lora_rank=4, lora_alpha=8.0, lora_dropout=0.0, target_modules="all-linear"))
+    for _, layer in model.adapter_layers():
+        assert layer.row_scale().dtype == torch.float64
+        assert (layer.row_scale() - 1).abs().max().item() < 1e-12
+    randomize(model)
+    before = {n: dense_weight(l.base_layer).detach().clone() for n, l in model.adapter_layers()}
+    expected = logits(model, input_ids)
+    model.merge()
+    model.unmerge()
+    for n, l in model.adapter_layers():
+        assert (dense_weight(l.base_layer) - before[n]).abs().max().item() < 1e-12, n
+    theirs = _peft_dora_fp64(model)
+    assert (logits(theirs, input_ids) - expected).abs().max().item() < 1e-10
+
+
+# ------------------------------------------------------------------------------- LoRaDA
+def _query_bias_reference(arch: str, model: HyLoRADAModel, ids: torch.Tensor) -> torch.Tensor:
+    """Independent LoRaDA: the plain model with hooks that add s·B A x to each query projection
+    and multiply each query head's slice (bias included) by its temperature."""
+    base = FACTORIES[arch]()
+    for name, layer in model.adapter_layers():
+        tau, d, q_size = layer.temperature.detach(), layer.head_dim, layer.q_size
+        A, B, s = layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling
+
+        def hook(module, args, out, tau=tau, d=d, q_size=q_size, A=A, B=B, s=s):
+            out = out + s * args[0] @ A.T @ B.T
+            q = out[..., :q_size].unflatten(-1, (-1, d)) * tau[:, None]
+            return torch.cat([q.flatten(-2), out[..., q_size:]], dim=-1)
+
+        base.get_submodule(name).register_forward_hook(hook)
+    return logits(base, ids)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "gpt2"])
+def test_lorada_with_query_bias_and_trained_temperature(arch, input_ids):
+    """Models with q biases (Qwen2; GPT-2's fused c_attn), τ != 1: the output equals the hook
+    reference, τ changes it, and merge scales weights and bias of the query slice exactly."""
+    target = "c_attn" if arch == "gpt2" else "q_proj"
+    model = wrap(arch, "lorada", lora_rank=4, target_modules=[target])
+    g = torch.Generator().manual_seed(0)
+    layers = [l for _, l in model.adapter_layers()]
+    with torch.no_grad():
+        for l in layers:
+            l.lora_B.copy_(torch.randn(l.lora_B.shape, generator=g) * 0.2)
+            l.temperature.copy_(torch.tensor([1.7, 0.4, 2.5, 0.8]))
+    out = logits(model, input_ids)
+    layer = layers[0]
+    assert (out - _query_bias_reference(arch, model, input_ids)).abs().max().item() <= 1e-5
+    with torch.no_grad():
+        for l in layers:
+            l.temperature.fill_(1.0)
+        untempered = logits(model, input_ids)
+        for l in layers:
+            l.temperature.copy_(torch.tensor([1.7, 0.4, 2.5, 0.8]))
+    assert ((out - untempered).norm() / untempered.norm()).item() > 1e-2
+    b0 = layer.base_layer.bias.detach().clone()
+    model.merge()
+    t = torch.ones_like(b0)
+    t[:layer.q_size] = torch.tensor([1.7, 0.4, 2.5, 0.8]).repeat_interleave(layer.head_dim)
+    assert torch.allclose(layer.base_layer.bias, t * b0, rtol=1e-6, atol=0)
+    assert (logits(model, input_ids) - out).abs().max().item() <= 1e-5
+    plain = model.merge_and_unload()
+    assert (logits(plain, input_ids) - out).abs().max().item() <= 1e-5
+
+
+def _qnorm_reference(family: str, model: HyLoRADAModel, ids: torch.Tensor) -> torch.Tensor:
+    """Independent: the plain model, every adapted layer plus s·B A x by a hook, and q_norm's
+    output times τ_h by a hook that knows the family's layout ([b, s, h, d] for Qwen3,
+    [b, h, s, d] for Gemma-3)."""
+    base = QNORM_FACTORIES[family]()
+    for name, layer in model.adapter_layers():
+        A, B, s = layer.lora_A.detach(), layer.lora_B.detach(), layer.scaling
+        base.get_submodule(name).register_forward_hook(lambda m, a, o, A=A, B=B, s=s: o + s * a[0] @ A.T @ B.T)
+        if layer.temperature is not None:
+            tau = layer.temperature.detach()
+            tau = tau[:, None] if family == "qwen3" else tau[:, None, None]
+            norm = base.get_submodule(name.rpartition(".")[0] + ".q_norm")
+            norm.register_forward_hook(lambda m, a, o, tau=tau: o * tau)
+    return logits(base, ids)
+
+
+@pytest.mark.parametrize("family", sorted(QNORM_FACTORIES))
+def test_lorada_temperature_acts_after_the_query_norm(family, caplog):
+    """Qwen3 / Gemma-3 normalise q per head after q_proj, which cancels a scale folded into
+    q_proj. τ must act after the norm: identity at init; with τ != 1 the logits equal the hook
+    reference (also with seq = n_heads = batch, where only strides tell the head axis), change
+    materially, and τ's gradient is of the order of lora_B's (folded: 1e-5 and 1e-6 of it)."""
+    ids = torch.randint(0, VOCAB, (2, 12), generator=torch.Generator().manual_seed(1))
+    square = torch.randint(0, VOCAB, (4, 4), generator=torch.Generator().manual_seed(2))
+    ref = logits(QNORM_FACTORIES[family](), ids)
+    model = HyLoRADAModel(QNORM_FACTORIES[family](), HyLoRADAConfig(method="lorada", lora_rank=4, lora_dropout=0.0))
+    assert (logits(model, ids) - ref).abs().max().item() <= 1e-6
+    randomize(model)
+    for x in (ids, square):
+        assert (logits(model, x) - _qnorm_reference(family, model, x)).abs().max().item() <= 1e-5
+    q = model.model.get_submodule("model.layers.0.self_attn.q_proj")
+    with torch.no_grad():
+        tau = q.temperature.detach().clone()
+        q.temperature.fill_(1.0)
+        untempered = logits(model, ids)
+        q.temperature.copy_(tau)
+    out = logits(model, ids)
+    assert ((out - untempered).norm() / untempered.norm()).item() > 1e-2
+    torch.nn.functional.cross_entropy(out[:, :-1].flatten(0, 1), ids[:, 1:].flatten()).backward()
+    assert q.temperature.grad.abs().max() >= 0.05 * q.lora_B.grad.abs().max() > 0
+
+
+@pytest.mark.parametrize("family", sorted(QNORM_FACTORIES))
+def test_lorada_on_query_norm_models_merges_saves_and_unloads_exactly(family, tmp_path, caplog, input_ids):
+    """merge and merge_and_unload keep the outputs (τ stays behind the norm, with a warning that
+    the merged model is not a plain transformers model); save -> load is bit-exact; unload gives
+    the original model back; export_peft refuses, naming the temperature."""
+    model = HyLoRADAModel(QNORM_FACTORIES[family](), HyLoRADAConfig(method="lorada", lora_rank=4, lora_dropout=0.0))
+    randomize(model)
+    expected = logits(model, input_ids)
+    model.save_adapter(tmp_path / "a")
+    loaded = HyLoRADAModel.from_pretrained(QNORM_FACTORIES[family](), tmp_path / "a")
+    assert torch.equal(logits(loaded, input_ids), expected)
+    with pytest.raises(ValueError, match="temperature"):
+        model.export_peft(tmp_path / "peft")
+    model.merge()
+    assert (logits(model, input_ids) - expected).abs().max().item() <= 1e-5
+    with caplog.at_level(logging.WARNING, logger="hylorada.model"):
+        plain = model.merge_and_unload()
+    assert "not a plain transformers model" in caplog.text.lower()
+    assert (logits(plain, input_ids) - expected).abs().max().item() <= 1e-5
+    norm = plain.get_submodule("model.layers.0.self_attn.q_norm")
+    assert "temperature" in dict(norm.named_buffers())
+    original = loaded.unload()
+    assert not any(type(m).__module__.startswith("hylorada") for m in original.modules())
+    assert torch.equal(logits(original, input_ids), logits(QNORM_FACTORIES[family](), input_ids))
 
 
 # ------------------------------------------------------------------------------------- merge
@@ -401,3 +726,21 @@ def test_config_round_trip(tmp_path):
     assert HyLoRADAConfig().init_lora_weights == "orthogonal" and HyLoRADAConfig(method="dora").init_lora_weights == "kaiming"
     with pytest.raises(ValueError, match="unknown fields"):
         HyLoRADAConfig.from_dict({"lora_rnk": 4})
+
+
+def test_query_norm_temperature_is_applied_in_fp32_on_bf16_activations():
+    """bf16 model (fp32 τ, as adapters of half-precision bases): τ - 1 = 0.003 (below bf16's
+    step at 1) must show in the bf16 output of the wrapped q_norm: the slope
+    of out(τ) against out(τ = 1) is 0.003 to 1e-4 (a τ cast to bf16 first gives 0)."""
+    model = HyLoRADAModel(tiny_qwen3().to(torch.bfloat16),
+                          HyLoRADAConfig(method="lorada", lora_rank=4, lora_dropout=0.0))
+    wrapper = model.model.get_submodule("model.layers.0.self_attn.q_norm")
+    q = model.model.get_submodule("model.layers.0.self_attn.q_proj")
+    x = torch.randn(8, 64, 4, 8, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
+    with torch.no_grad():
+        one = wrapper(x).double()
+        q.temperature.fill_(1.003)
+        out = wrapper(x)
+    assert out.dtype == torch.bfloat16
+    slope = ((out.double() * one).sum() / (one * one).sum()).item() - 1
+    assert abs(slope - 0.003) <= 1e-4, slope

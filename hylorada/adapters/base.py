@@ -149,7 +149,8 @@ class AdapterLayer(nn.Module):
     # ---- merge / unmerge --------------------------------------------------------------
     @torch.no_grad()
     def merge(self) -> None:
-        """W <- diag(c)·(W + s·B A) (and b <- c ⊙ b when `scale_bias`)."""
+        """W <- diag(c)·(W + s·B A) (and b <- c ⊙ b when `scale_bias`), computed in W's dtype
+        promoted to at least fp32 (fp64 stays fp64)."""
         if self.merged:
             return
         c = self.row_scale()
@@ -159,9 +160,10 @@ class AdapterLayer(nn.Module):
             self._merge_factorized(base, c)
         else:
             w = dense_weight(base)
-            new = w.float() + self.delta_weight().float()
+            acc = _acc(w.dtype)
+            new = w.to(acc) + self.delta_weight().to(acc)
             if c is not None:
-                new = c.float()[:, None] * new
+                new = c.to(acc)[:, None] * new
             set_dense_weight(base, new.to(w.dtype))
         if c is not None and self.scale_bias and base.bias is not None:
             base.bias.mul_(c.to(base.bias.dtype))
@@ -185,10 +187,11 @@ class AdapterLayer(nn.Module):
             _set_factors(base, up, base.down.weight[:k])
         else:
             w = dense_weight(base)
-            old = w.float()
+            acc = _acc(w.dtype)
+            old = w.to(acc)
             if c is not None:
-                old = old / c.float()[:, None]
-            set_dense_weight(base, (old - self.delta_weight().float()).to(w.dtype))
+                old = old / c.to(acc)[:, None]
+            set_dense_weight(base, (old - self.delta_weight().to(acc)).to(w.dtype))
         self._merged_scale = None
         self.merged = False
         self._after_unmerge()

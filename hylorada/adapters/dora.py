@@ -21,8 +21,10 @@ from .base import AdapterLayer
 
 
 def row_norm_sq(weight: torch.Tensor) -> torch.Tensor:
-    """||W||²_row in fp32 (fp64 accumulate)."""
-    return weight.detach().double().pow(2).sum(dim=1).float()
+    """||W||²_row, accumulated in fp64, returned in W's dtype promoted to at least fp32 (so an
+    fp64 model stays exact: c = 1 at init to fp64 rounding)."""
+    out = torch.promote_types(weight.dtype, torch.float32)
+    return weight.detach().double().pow(2).sum(dim=1).to(out)
 
 
 def norm_from_parts(WAt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, weight_norm_sq: torch.Tensor,

@@ -1,15 +1,22 @@
 """One autograd Function for every adapter method on a dense frozen base:
 
-    y = c ⊙ (W x + s·B A d(x)) + b          (c ⊙ b instead of b when `scale_bias`)
+    y = c ⊙ z + b,   z = W x + s·B A d(x)        (y = c ⊙ (z + b) when `scale_bias`)
 
 c = 1 (LoRA), m/||W'|| (DoRA), (1-β)·m_eff/||W'|| + β (HyLoRADA), τ per query head (LoRaDA).
-d is inverted dropout with a Bernoulli mask. Compared with composing autograd ops it
+d is inverted dropout with a Bernoulli mask. Precision contract: z is computed in the compute
+dtype (the autocast dtype, else x's), c stays in its own dtype (at least fp32) and is applied
+to z in that precision, y = round(c ⊙ z) — the same rounding as the reference path. (Folding c
+into bf16 weights, W_c = round(diag(c)·W), would erase every change of c below bf16's step
+~2^-8, i.e. most of what magnitude learning does near c = 1.) Compared with composing autograd
+ops it
 
-- folds c into the weights (W_c = diag(c)·W, B_c = s·diag(c)·B: d_out x d_in work instead of
-  an extra tokens x d_out pass) and accumulates the low-rank term into the base GEMM (addmm),
+- accumulates the low-rank term into the base GEMM (addmm) and applies c in one in-place
+  elementwise pass over the tokens x d_out output (computed in c's dtype, stored in z's);
 - saves for backward only x (an input, alive anyway), h = A d(x) (tokens x r), the dropout
-  mask as bool, and for c the output y itself (which its consumer usually keeps anyway),
-- gets dL/dc from y: dL/dc_j = Σ_t g_tj (y_tj - b_j) / c_j (y_tj / c_j with `scale_bias`),
+  mask as bool, and for c the output y itself (which its consumer usually keeps anyway);
+- backward: g_c = c ⊙ g (one elementwise pass, in c's precision), dL/dx = g_c W + (g_c s·B) A
+  (masked), dL/dA = (g_c s·B)ᵀ d(x), dL/dB = s·c ⊙ (gᵀ h), and dL/dc_j = Σ_t g_tj y_tj / c_j
+  (y includes c ⊙ b with `scale_bias`; an unscaled bias is added by the caller outside y);
 - uses torch's fused dropout kernel (output and bool mask in one pass).
   A row with c_j = 0 exactly (a zero weight row under DoRA) gets dL/dc_j = 0 here; the
   reference path (`fused=False`) is exact there.
@@ -47,14 +54,10 @@ class LowRankLinear(torch.autograd.Function):
         else:
             mask, xd = None, x2
         h = xd @ A.t()
-        if c is None:
-            y = F.linear(x2, weight, bias)
-            y.addmm_(h, B.t(), alpha=scaling)
-        else:
-            cw = c.to(weight.dtype)
-            b = bias * cw if (bias is not None and scale_bias) else bias
-            y = F.linear(x2, weight * cw[:, None], b)
-            y.addmm_(h, (B * (cw * scaling)[:, None]).t())
+        y = F.linear(x2, weight, bias)  # bias is None here unless it is part of z (see callers)
+        y.addmm_(h, B.t(), alpha=scaling)
+        if c is not None:
+            y.mul_(c)  # computed in c's dtype (type promotion), stored in the compute dtype
         ctx.scaling, ctx.p, ctx.scale_bias, ctx.shape = scaling, p, scale_bias, shape
         ctx.save_for_backward(x2, weight, bias, A, B, c, h, mask, y if c is not None else None)
         return y.view(*shape[:-1], y.shape[-1])
@@ -64,15 +67,11 @@ class LowRankLinear(torch.autograd.Function):
         x2, weight, bias, A, B, c, h, mask, y = ctx.saved_tensors
         s, p = ctx.scaling, ctx.p
         g = grad_out.reshape(-1, grad_out.shape[-1])
-        if c is None:
-            Wc, Bc = weight, B * s
-        else:
-            cw = c.to(weight.dtype)
-            Wc, Bc = weight * cw[:, None], B * (cw * s)[:, None]
-        u = g @ Bc  # (s·(g ⊙ c)) B, tokens x r
+        gc = g if c is None else torch.mul(g, c, out=torch.empty_like(g))  # c ⊙ g, c's precision
+        u = (gc @ B).mul_(s)  # tokens x r
         grad_x = grad_A = grad_B = grad_c = None
         if ctx.needs_input_grad[0]:
-            grad_x = g @ Wc
+            grad_x = gc @ weight
             if mask is None:
                 grad_x.addmm_(u, A)
             else:
@@ -83,7 +82,7 @@ class LowRankLinear(torch.autograd.Function):
             grad_A = u.t() @ xd
         if ctx.needs_input_grad[4]:
             gh = g.t() @ h
-            grad_B = gh * s if c is None else gh * (cw * s)[:, None]
+            grad_B = gh * s if c is None else gh.to(c.dtype) * (c * s)[:, None]
         if c is not None and ctx.needs_input_grad[5]:
             gy = (g * y).sum(0, dtype=c.dtype)
             if bias is not None and not ctx.scale_bias:  # callers pass such a bias outside instead
