@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -19,8 +18,10 @@ from torch import nn
 from .adapters import ADAPTER_CLASSES, AdapterLayer
 from .adapters.dora import direct_weight_norm
 from .compress.factorized import FactorizedLinear
+from .errors import HyloradaError
 from .config import ALL_LINEAR, ATTENTION_TARGETS, HyLoRADAConfig
 from .layers import in_out_features, is_linear
+from .utils.io import atomic_output_dir
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -200,8 +201,9 @@ class HyLoRADAModel(nn.Module):
                                  f"expected {tuple(target.shape)}")
             target.copy_(state[key])
 
-    def save_adapter(self, directory: str | os.PathLike) -> Path:
-        """adapter_config.json + adapter_model.safetensors (the complete adapter state), atomically."""
+    def save_adapter(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """adapter_config.json + adapter_model.safetensors (the complete adapter state), written
+        atomically; an existing previous adapter folder is replaced only with `overwrite=True`."""
         if self.merged:
             raise ValueError("save_adapter on a merged model: call unmerge() first")
         meta = {
@@ -213,7 +215,7 @@ class HyLoRADAModel(nn.Module):
         }
         tensors = {k: v.contiguous().clone() for k, v in self.adapter_state_dict().items()}
         return _write_dir_atomic(Path(directory), {CONFIG_NAME: json.dumps(meta, indent=2).encode()},
-                                 {WEIGHTS_NAME: tensors})
+                                 {WEIGHTS_NAME: tensors}, kind="adapter", overwrite=overwrite)
 
     save_pretrained = save_adapter
 
@@ -225,7 +227,10 @@ class HyLoRADAModel(nn.Module):
             raise ValueError(f"{directory / CONFIG_NAME} is not a hylorada adapter (format="
                              f"{meta.get('format')!r}); peft adapters load with peft.PeftModel")
         wrapped = cls(model, HyLoRADAConfig.from_dict(meta["config"]), target_names=meta["target_names"])
-        wrapped.load_adapter_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        try:
+            wrapped.load_adapter_state_dict(load_file(str(directory / WEIGHTS_NAME)))
+        except ValueError as e:  # missing / unexpected / misshapen tensors
+            raise HyloradaError(f"{directory / WEIGHTS_NAME}: {e}") from e
         return wrapped
 
     # ---- merge --------------------------------------------------------------------------------
@@ -261,8 +266,9 @@ class HyLoRADAModel(nn.Module):
         return self.model
 
     # ---- peft export ----------------------------------------------------------------------
-    def export_peft(self, directory: str | os.PathLike) -> Path:
-        """Write a peft LoRA/DoRA adapter giving the same outputs.
+    def export_peft(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write a peft LoRA/DoRA adapter giving the same outputs (atomically; an existing
+        previous export is replaced only with `overwrite=True`).
 
         LoRA -> peft LoRA; DoRA -> peft DoRA; HyLoRADA -> peft DoRA with m_dora = c·||W'||_row.
         """
@@ -311,33 +317,19 @@ class HyLoRADAModel(nn.Module):
         }
         return _write_dir_atomic(Path(directory),
                                  {"adapter_config.json": json.dumps(peft_cfg, indent=2).encode()},
-                                 {"adapter_model.safetensors": tensors})
+                                 {"adapter_model.safetensors": tensors}, kind="peft-adapter",
+                                 overwrite=overwrite)
 
 
 def _write_dir_atomic(directory: Path, texts: dict[str, bytes],
-                      tensor_files: dict[str, dict[str, torch.Tensor]]) -> Path:
-    """Write each file to a temp name in `directory`, fsync, then os.replace (no torn files)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[str, str]] = []
-    try:
+                      tensor_files: dict[str, dict[str, torch.Tensor]], *, kind: str,
+                      overwrite: bool) -> Path:
+    """Write the files into `directory` through hylorada.utils.io.atomic_output_dir: a temporary
+    sibling renamed into place; a foreign folder is refused, a previous output of ours is
+    replaced only with `overwrite=True`."""
+    with atomic_output_dir(directory, kind=kind, overwrite=overwrite, flag="output folder") as tmp:
         for fname, data in texts.items():
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{fname}.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            staged.append((tmp, fname))
+            (tmp / fname).write_bytes(data)
         for fname, tensors in tensor_files.items():
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{fname}.")
-            os.close(fd)
-            save_file(tensors, tmp, metadata={"format": "pt"})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            staged.append((tmp, fname))
-        for tmp, fname in staged:
-            os.replace(tmp, directory / fname)
-    finally:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
     return directory
