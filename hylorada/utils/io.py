@@ -84,8 +84,9 @@ def ours(folder: str | os.PathLike) -> str | None:
     if (_json_field(folder / "finetune.json", "command") == "finetune"
             or (folder / "checkpoint-last" / "trainer_state.json").is_file()):
         return "finetune"
-    if (folder / "cells").is_dir() and _json_field(folder / "results.json", "schema_version") is not None:
-        return "benchmark"
+    cells = folder / "cells"
+    if cells.is_dir() and all(e.suffix == ".json" and e.is_file() for e in cells.iterdir()):
+        return "benchmark"  # results.json and cells/*.json (or cells copied in to be merged)
     if (folder / "analysis.json").is_file() and (folder / "spectra.safetensors").is_file():
         return "analyze"
     return None
@@ -112,8 +113,9 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, flag: 
         raise UsageError(f"{flag} {p}: holds a previous hylorada output ({kind}); pass --overwrite "
                          "(library: overwrite=True) to replace it, or choose another folder.")
     stamp = read_stamp(p) or {}
-    if isinstance(stamp.get("files"), list):
-        allowed = set(stamp["files"]) | set(known) | {STAMP_NAME}
+    known = set(known)
+    if isinstance(stamp.get("files"), list) or known:
+        allowed = set(stamp.get("files") or ()) | known | {STAMP_NAME}
         foreign = sorted(e.name for e in p.iterdir() if e.name not in allowed)
         if foreign:
             raise UsageError(f"{flag} {p}: holds files hylorada did not write ({', '.join(foreign[:5])}"
