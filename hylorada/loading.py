@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .utils.io import atomic_output_dir
+from .utils.io import atomic_output_dir, clean_stale
 
 log = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m", dtype: torch.dt
     dtype = resolve_dtype(dtype)
     name = str(name_or_path)
     t0 = time.perf_counter()
+    if name not in MODEL_ALIASES and not Path(name).expanduser().exists():
+        clean_stale(Path(name))  # an output a killed run was replacing is put back (utils/io.py)
     if name in MODEL_ALIASES:
         folder = converted_folder(name)
         model = _from_pretrained_strict(folder, dtype=dtype)

@@ -49,11 +49,12 @@ def run(args: argparse.Namespace) -> int:
     from ..compress.whiten import calibration_blocks
     from ..loading import load_model
 
-    from ..utils.io import atomic_output_dir, check_output_dir
+    from ..utils.io import atomic_output_dir, check_output_dir, clean_stale
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    check_output_dir(args.out, overwrite=args.overwrite)  # before any work
+    clean_stale(args.out)  # restores an output a killed run was replacing, removes its temp folder
+    check_output_dir(args.out, overwrite=args.overwrite, kind="analyze")  # before any work
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     calibration = None

@@ -204,9 +204,9 @@ def run(args: argparse.Namespace) -> int:
     if args.out:  # before any work: never lose what is at --out (hylorada.utils.io)
         from ..utils.io import check_output_dir, clean_stale
 
-        check_output_dir(args.out, overwrite=args.overwrite)
-        for line in clean_stale(args.out):
+        for line in clean_stale(args.out):  # first: restores an output a killed run was replacing
             print(f"  note: {line}", file=sys.stderr)
+        check_output_dir(args.out, overwrite=args.overwrite, kind="compressed")
     progress = not args.no_progress
     timings: dict[str, float] = {}
     t0 = time.perf_counter()

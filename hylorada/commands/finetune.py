@@ -108,9 +108,10 @@ def check_run_dir(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> s
     did not write, another kind of hylorada output, a previous run without --resume/--overwrite)."""
     from ..errors import UsageError
     from ..train import find_checkpoint, read_checkpoint_state
-    from ..utils.io import check_output_dir, ours
+    from ..utils.io import check_output_dir, clean_stale, ours
 
     p = Path(out).expanduser()
+    clean_stale(p)  # a run killed while replacing --out: its old output is put back first
     if resume and overwrite:
         raise UsageError("--resume and --overwrite exclude each other: --resume continues the run in "
                          "--out, --overwrite starts a new one")
@@ -127,7 +128,7 @@ def check_run_dir(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> s
         raise UsageError(f"--out {p}: holds a previous finetune run{at}; pass --resume to continue it, "
                          "--overwrite to start over (the old run stays until the new one is complete), "
                          "or choose another --out")
-    existed = check_output_dir(p, overwrite=overwrite, known=RUN_FILES)  # refuses files, foreign folders
+    existed = check_output_dir(p, overwrite=overwrite, known=RUN_FILES, kind="finetune")  # refuses files, foreign folders
     return "replace" if existed else "new"
 
 

@@ -94,10 +94,11 @@ def ours(folder: str | os.PathLike) -> str | None:
 
 # ---------------------------------------------------------------------------------- checks
 def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, flag: str = "--out",
-                     known: Iterable[str] = ()) -> bool:
+                     known: Iterable[str] = (), kind: str | tuple[str, ...] | None = None) -> bool:
     """Raise UsageError unless writing the output folder `path` loses nothing (module doc, 1).
     Returns True when `path` is a previous output of ours that will be replaced. `known`: names
-    that may be in an unstamped-files output of ours (work folders)."""
+    that may be in an output of ours whose stamp lists no files (work folders). `kind`: the
+    kind(s) of output that may be replaced (another kind of hylorada output is refused)."""
     p = Path(path).expanduser()
     if p.is_symlink() or (p.exists() and not p.is_dir()):
         raise UsageError(f"{flag} {p}: exists and is not a folder; hylorada never replaces a path it "
@@ -105,13 +106,17 @@ def check_output_dir(path: str | os.PathLike, *, overwrite: bool = False, flag: 
     _check_parent_writable(p, flag)
     if not p.exists() or not any(p.iterdir()):
         return False
-    kind = ours(p)
-    if kind is None:
+    found = ours(p)
+    if found is None:
         raise UsageError(f"{flag} {p}: folder exists and was not written by hylorada (no {STAMP_NAME} "
                          f"stamp); refusing to replace it. Choose a new or empty folder for {flag}.")
     if not overwrite:
-        raise UsageError(f"{flag} {p}: holds a previous hylorada output ({kind}); pass --overwrite "
+        raise UsageError(f"{flag} {p}: holds a previous hylorada output ({found}); pass --overwrite "
                          "(library: overwrite=True) to replace it, or choose another folder.")
+    wanted = (kind,) if isinstance(kind, str) else kind
+    if wanted and found not in wanted:
+        raise UsageError(f"{flag} {p}: holds a hylorada {found} output, which this command does not "
+                         f"write ({'/'.join(wanted)}); choose another folder.")
     stamp = read_stamp(p) or {}
     known = set(known)
     if isinstance(stamp.get("files"), list) or known:
@@ -241,15 +246,15 @@ def atomic_output_dir(path: str | os.PathLike, *, kind: str, overwrite: bool = F
     atomically, on an exception it is deleted and `X` is untouched. `checked=True`: the caller
     already ran check_output_dir (or owns `X`, e.g. a cache folder)."""
     path = Path(path).expanduser()
+    clean_stale(path)  # first: a killed replacement is restored before the checks look at `path`
     if not checked:
-        check_output_dir(path, overwrite=overwrite, flag=flag)
+        check_output_dir(path, overwrite=overwrite, flag=flag, kind=kind)
     path.parent.mkdir(parents=True, exist_ok=True)
-    clean_stale(path)
     tmp = new_temp_sibling(path)
     try:
         yield tmp
         if not checked:  # something may have appeared at `path` while we worked
-            check_output_dir(path, overwrite=overwrite, flag=flag)
+            check_output_dir(path, overwrite=overwrite, flag=flag, kind=kind)
         commit_dir(tmp, path, kind)
     finally:
         if tmp.exists():
@@ -260,6 +265,7 @@ def claim_work_dir(path: str | os.PathLike, kind: str, *, flag: str = "--out") -
     """A folder a run keeps writing into (finetune checkpoints, benchmark cells): created and
     stamped (files=None) when new or empty, accepted when ours, UsageError otherwise."""
     p = Path(path).expanduser()
+    clean_stale(p)
     if p.is_symlink() or (p.exists() and not p.is_dir()):
         raise UsageError(f"{flag} {p}: exists and is not a folder; choose another {flag}.")
     _check_parent_writable(p, flag)
