@@ -53,9 +53,20 @@ def compress_args(model: str, out: Path, *extra: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
+    """The tiny model and corpus, and one `compress --out` of it (copied by the tests that use it)."""
     root = tmp_path_factory.mktemp("tiny")
     model, data = make_tiny_assets(root)
-    return {"root": root, "model": model, "data": data, "cache": root / "cache"}
+    comp = root / "compressed"
+    proc = cli(*compress_args(model, comp), cache=root / "cache")
+    assert proc.returncode == 0, proc.stderr
+    return {"root": root, "model": model, "data": data, "cache": root / "cache", "compressed": comp}
+
+
+def copy_compressed(tiny, dest: Path) -> Path:
+    import shutil
+
+    shutil.copytree(tiny["compressed"], dest)
+    return dest
 
 
 # ------------------------------------------------------------------- 1. nothing at --out is lost
@@ -78,8 +89,7 @@ def test_compress_refuses_a_file_and_a_foreign_folder_before_any_work(tiny, tmp_
 
 
 def test_previous_output_needs_overwrite_and_foreign_files_inside_block_it(tiny, tmp_path):
-    out = tmp_path / "c"
-    assert cli(*compress_args(tiny["model"], out), cache=tiny["cache"]).returncode == 0
+    out = copy_compressed(tiny, tmp_path / "c")
     first = snapshot(out)
     proc = cli(*compress_args(tiny["model"], out, "--ratio", "0.5"), cache=tiny["cache"])
     assert proc.returncode != 0 and "--overwrite" in proc.stderr
@@ -142,8 +152,7 @@ def test_clean_stale_removes_dead_temps_restores_dead_swaps_and_keeps_the_rest(t
 def test_kill_9_during_compress_keeps_the_previous_output(tiny, tmp_path, point):
     """kill -9 while the new output is complete in its temp folder ("fill") or between the two
     renames ("swap"); the old output stays intact, and the next run leaves no temp folder."""
-    out = tmp_path / "c"
-    assert cli(*compress_args(tiny["model"], out), cache=tiny["cache"]).returncode == 0
+    out = copy_compressed(tiny, tmp_path / "c")
     before = snapshot(out)
     proc = cli(*compress_args(tiny["model"], out, "--ratio", "0.5", "--overwrite"), wait=False,
                cache=tiny["cache"], env_extra={"HYLORADA_FAULT_PAUSE": f"{point}:60"})
@@ -171,10 +180,7 @@ def test_kill_9_during_compress_keeps_the_previous_output(tiny, tmp_path, point)
 
 # --------------------------------------------------- 2. compressed and merged folders reload exactly
 def _compressed_folder(tiny, tmp_path) -> Path:
-    out = tmp_path / "c"
-    proc = cli(*compress_args(tiny["model"], out), cache=tiny["cache"])
-    assert proc.returncode == 0, proc.stderr
-    return out
+    return copy_compressed(tiny, tmp_path / "c")
 
 
 def test_plain_transformers_refuses_a_compressed_folder(tiny, tmp_path):
@@ -369,3 +375,49 @@ def test_pip_fallback_rejects_a_wrong_hash_before_any_build_step(evil_index):
     assert not e["mark"].exists()
     assert "Preparing metadata" not in str(err.value) and "egg_info" not in str(err.value)
     assert sorted(p.name for p in e["dest"].iterdir()) == []
+
+
+# ----------------------------------------------------------------------------------- no pickle
+class _Evil:
+    def __init__(self, mark: str) -> None:
+        self.mark = mark
+
+    def __reduce__(self):
+        return (Path(self.mark).write_text, ("unpickling ran code",))
+
+
+def test_a_crafted_checkpoint_pickle_is_refused(tmp_path):
+    """resume loads optimizer.pt with weights_only=True: a pickle that would run code is refused."""
+    import pickle
+
+    from hylorada.config import HyLoRADAConfig
+    from hylorada.model import HyLoRADAModel
+    from hylorada.train import TrainConfig, train
+
+    blocks = {"input_ids": torch.randint(0, 100, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    blocks["labels"] = blocks["input_ids"].clone()
+
+    def run(**kw):
+        model = HyLoRADAModel(tiny_llama(), HyLoRADAConfig(method="lora"))
+        return train(model, blocks, None, TrainConfig(steps=2, batch_size=2, out_dir=str(tmp_path),
+                                                      progress=False, log_every=0, **kw))
+
+    run(save_every=1)
+    mark = tmp_path / "MARK"
+    (tmp_path / "checkpoint-last" / "optimizer.pt").write_bytes(pickle.dumps(_Evil(str(mark))))
+    with pytest.raises(pickle.UnpicklingError):
+        run(resume=True)
+    assert not mark.exists()
+
+
+def test_no_unsafe_deserialisation_in_the_package():
+    """Every torch.load passes weights_only=True; no pickle/marshal/yaml.load of files."""
+    bad = []
+    for path in (ROOT / "hylorada").rglob("*.py"):
+        for i, line in enumerate(path.read_text().splitlines(), 1):
+            code = line.split("#", 1)[0]
+            if "torch.load(" in code and "weights_only=True" not in code:
+                bad.append(f"{path.name}:{i}")
+            if any(s in code for s in ("pickle.load", "marshal.load", "yaml.load(", "trust_remote_code=True")):
+                bad.append(f"{path.name}:{i}")
+    assert bad == []
