@@ -167,13 +167,30 @@ def check_outputs(base, args, device, ids) -> dict[str, float]:
     return errs
 
 
+def graph_breaks(model, ids, device) -> int | None:
+    """torch._dynamo.explain's graph-break count for one training forward (None if it fails)."""
+    try:
+        import torch._dynamo as dynamo
+        dynamo.reset()
+        with autocast(device):
+            ex = dynamo.explain(model)(input_ids=ids[:1, :128], labels=ids[:1, :128])
+        dynamo.reset()
+        return int(ex.graph_break_count)
+    except Exception as e:  # noqa: BLE001 - diagnostic only
+        print(f"explain failed: {type(e).__name__}: {e}", flush=True)
+        return None
+
+
 def bench_train(base, args, device, ids, rows):
     import peft
 
     errs = check_outputs(base, args, device, ids)
-    for dropout in (0.0, 0.05):
-        for method in ("peft-lora", "peft-dora", "lora", "dora", "hylorada", "lorada"):
-            row = {"part": "train", "method": method, "dropout": dropout}
+    modes = args.modes.split(",")
+    cells = [(mode, dropout, method) for mode in modes for dropout in (0.0, 0.05)
+             for method in ("peft-lora", "peft-dora", "lora", "dora", "hylorada", "lorada")
+             if not (mode == "compiled" and method in args.skip_compiled.split(","))]
+    for mode, dropout, method in cells:
+            row = {"part": "train", "method": method, "dropout": dropout, "mode": mode}
             if method.startswith("peft-"):
                 model = peft.get_peft_model(base, peft_config(method.split("-")[1], args.rank, dropout))
                 params = [p for p in model.parameters() if p.requires_grad]
@@ -187,12 +204,23 @@ def bench_train(base, args, device, ids, rows):
             row["trainable"] = sum(p.numel() for p in model.parameters() if p.requires_grad)
             model.train()
             peak_reset(device)
-            step, opt = train_step_fn(model, params, ids, device)
+            run_model = model
+            if mode == "compiled":
+                row["graph_breaks"] = graph_breaks(model, ids, device)
+                run_model = torch.compile(model)
+            step, opt = train_step_fn(run_model, params, ids, device)
+            t0 = time.perf_counter()
+            step()  # the first step compiles (compiled mode)
+            sync(device)
+            row["first_step_s"] = time.perf_counter() - t0
             times = timed(step, device, args.steps, args.warmup)
             row["ms"] = 1000 * statistics.median(times)
+            del run_model
             row["peak_gib"] = peak_gib(device)
             del opt, step
             model.unload()
+            if mode == "compiled":
+                torch._dynamo.reset()
             rows.append(row)
             print(fmt_row(row), flush=True)
             peak_reset(device)
@@ -231,7 +259,7 @@ def bench_merge(base, args, device, ids, rows):
 
 
 def fmt_row(row: dict) -> str:
-    keys = ["part", "method", "dropout", "ms", "peak_gib", "ratio_vs_base", "tokens_per_s",
+    keys = ["part", "method", "mode", "dropout", "ms", "first_step_s", "graph_breaks", "peak_gib", "ratio_vs_base", "tokens_per_s",
             "seconds", "energy_gap", "rel_err", "check"]
     out = []
     for k in keys:
@@ -253,6 +281,8 @@ def main(argv=None) -> int:
     ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--calib-blocks", type=int, default=64)
     ap.add_argument("--parts", default="train,merge,compress,compressed")
+    ap.add_argument("--modes", default="eager,compiled", help="train part: eager and/or compiled (torch.compile(model))")
+    ap.add_argument("--skip-compiled", default="", help="methods not to compile, e.g. peft-dora")
     ap.add_argument("--out", default="perf.json")
     args = ap.parse_args(argv)
     device = args.device
@@ -298,14 +328,14 @@ def main(argv=None) -> int:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    lines = ["| part | method | dropout | ms | peak GiB | ratio | tokens/s | seconds | energy gap | rel. err | check |",
-             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["| part | method | mode | dropout | ms | peak GiB | ratio | tokens/s | seconds | energy gap | rel. err | check |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
 
     def f(v, spec):
         return "" if v is None else (format(v, spec) if isinstance(v, float) else str(v))
     for r in rows:
         lines.append("| " + " | ".join([
-            r["part"], r["method"], f(r.get("dropout"), ".2f"), f(r.get("ms"), ".1f"),
+            r["part"], r["method"], r.get("mode", ""), f(r.get("dropout"), ".2f"), f(r.get("ms"), ".1f"),
             f(r.get("peak_gib"), ".2f"), f(r.get("ratio_vs_base"), ".3f"), f(r.get("tokens_per_s"), ".0f"),
             f(r.get("seconds"), ".1f"), f(r.get("energy_gap"), ".1e"), f(r.get("rel_err"), ".1e"),
             r.get("check", "")]) + " |")

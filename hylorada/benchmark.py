@@ -39,7 +39,6 @@ import platform
 import re
 import subprocess
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +46,8 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
+
+from .utils.io import atomic_write_text, claim_work_dir
 
 log = logging.getLogger(__name__)
 
@@ -454,18 +455,6 @@ def load_cell(out_dir: Path, cell: Cell) -> dict[str, Any] | None:
     return data
 
 
-def atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def _jsonable(x: Any) -> Any:
@@ -1174,6 +1163,7 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, *,
     """
     validate_config(cfg)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"benchmark-{cfg.preset}"
+    claim_work_dir(out, "benchmark")  # new/empty or ours; a foreign folder is refused (UsageError)
     (out / "cells").mkdir(parents=True, exist_ok=True)
     rows = adaptation_rows(cfg, with_peft)
     if cfg.peft and not any(r in rows for r in PEFT_ROWS):

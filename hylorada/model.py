@@ -9,7 +9,6 @@ import json
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -21,9 +20,11 @@ from .adapters import ADAPTER_CLASSES, AdapterLayer
 from .adapters.dora import direct_weight_norm
 from .adapters.lorada import QueryNormTemperature, find_query_norm
 from .compress.factorized import FactorizedLinear
+from .errors import HyloradaError
 from .config import ALL_LINEAR, ATTENTION_TARGETS, HyLoRADAConfig
 from .errors import UsageError
 from .layers import in_out_features, is_linear
+from .utils.io import atomic_output_dir
 
 # Our own file names: peft's names (adapter_config.json, ...) would invite
 # `peft.PeftModel.from_pretrained`, which cannot read this format; `export_peft` writes those.
@@ -270,8 +271,9 @@ class HyLoRADAModel(nn.Module):
                                  f"expected {tuple(target.shape)}")
             target.copy_(state[key])
 
-    def save_adapter(self, directory: str | os.PathLike) -> Path:
-        """hylorada_adapter.json + hylorada_adapter.safetensors (the complete adapter state), atomically."""
+    def save_adapter(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """hylorada_adapter.json + hylorada_adapter.safetensors (the complete adapter state), written
+        atomically; an existing previous adapter folder is replaced only with `overwrite=True`."""
         if self.merged:
             raise ValueError("save_adapter on a merged model: call unmerge() first")
         meta = {
@@ -283,7 +285,7 @@ class HyLoRADAModel(nn.Module):
         }
         tensors = {k: v.contiguous().clone() for k, v in self.adapter_state_dict().items()}
         return _write_dir_atomic(Path(directory), {CONFIG_NAME: json.dumps(meta, indent=2).encode()},
-                                 {WEIGHTS_NAME: tensors})
+                                 {WEIGHTS_NAME: tensors}, kind="adapter", overwrite=overwrite)
 
     save_pretrained = save_adapter
 
@@ -295,7 +297,10 @@ class HyLoRADAModel(nn.Module):
             raise ValueError(f"{config_path} is not a hylorada adapter (format="
                              f"{meta.get('format')!r}); peft adapters load with peft.PeftModel")
         wrapped = cls(model, HyLoRADAConfig.from_dict(meta["config"]), target_names=meta["target_names"])
-        wrapped.load_adapter_state_dict(load_file(str(weights_path)))
+        try:
+            wrapped.load_adapter_state_dict(load_file(str(weights_path)))
+        except ValueError as e:  # missing / unexpected / misshapen tensors
+            raise HyloradaError(f"{weights_path}: {e}") from e
         return wrapped
 
     # ---- merge --------------------------------------------------------------------------------
@@ -352,8 +357,9 @@ class HyLoRADAModel(nn.Module):
         return self.model
 
     # ---- peft export ----------------------------------------------------------------------
-    def export_peft(self, directory: str | os.PathLike) -> Path:
-        """Write a peft LoRA/DoRA adapter giving the same outputs.
+    def export_peft(self, directory: str | os.PathLike, *, overwrite: bool = False) -> Path:
+        """Write a peft LoRA/DoRA adapter giving the same outputs (atomically; an existing
+        previous export is replaced only with `overwrite=True`).
 
         LoRA -> peft LoRA; DoRA -> peft DoRA; HyLoRADA -> peft DoRA with m_dora = c·||W'||_row.
         """
@@ -405,7 +411,8 @@ class HyLoRADAModel(nn.Module):
         }
         return _write_dir_atomic(Path(directory),
                                  {"adapter_config.json": json.dumps(peft_cfg, indent=2).encode()},
-                                 {"adapter_model.safetensors": tensors})
+                                 {"adapter_model.safetensors": tensors}, kind="peft-adapter",
+                                 overwrite=overwrite)
 
 
 def adapter_files(directory: Path) -> tuple[Path, Path]:
@@ -418,29 +425,14 @@ def adapter_files(directory: Path) -> tuple[Path, Path]:
 
 
 def _write_dir_atomic(directory: Path, texts: dict[str, bytes],
-                      tensor_files: dict[str, dict[str, torch.Tensor]]) -> Path:
-    """Write each file to a temp name in `directory`, fsync, then os.replace (no torn files)."""
-    directory.mkdir(parents=True, exist_ok=True)
-    staged: list[tuple[str, str]] = []
-    try:
+                      tensor_files: dict[str, dict[str, torch.Tensor]], *, kind: str,
+                      overwrite: bool) -> Path:
+    """Write the files into `directory` through hylorada.utils.io.atomic_output_dir: a temporary
+    sibling renamed into place; a foreign folder is refused, a previous output of ours is
+    replaced only with `overwrite=True`."""
+    with atomic_output_dir(directory, kind=kind, overwrite=overwrite, flag="output folder") as tmp:
         for fname, data in texts.items():
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{fname}.")
-            with os.fdopen(fd, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            staged.append((tmp, fname))
+            (tmp / fname).write_bytes(data)
         for fname, tensors in tensor_files.items():
-            fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{fname}.")
-            os.close(fd)
-            save_file(tensors, tmp, metadata={"format": "pt"})
-            with open(tmp, "rb") as f:
-                os.fsync(f.fileno())
-            staged.append((tmp, fname))
-        for tmp, fname in staged:
-            os.replace(tmp, directory / fname)
-    finally:
-        for tmp, _ in staged:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+            save_file(tensors, str(tmp / fname), metadata={"format": "pt"})
     return directory

@@ -441,6 +441,18 @@ def find_checkpoint(out_dir: str | Path, name: str = CHECKPOINT_LAST) -> Path | 
     return None
 
 
+def refuse_overwriting_checkpoints(out_dir: str | Path) -> None:
+    """UsageError when `out_dir` holds a checkpoint and the run was not asked to resume: a fresh
+    run would overwrite it step by step."""
+    found = [n for n in (CHECKPOINT_LAST, CHECKPOINT_BEST) if find_checkpoint(out_dir, n) is not None]
+    if found:
+        from .errors import UsageError
+
+        step = read_checkpoint_state(find_checkpoint(out_dir, found[0])).get("step")
+        raise UsageError(f"out_dir {out_dir}: holds {' and '.join(found)} (step {step}) of a previous run; "
+                         "resume it (--resume, TrainConfig.resume=True) or choose another output folder")
+
+
 def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
     return json.loads((Path(path) / STATE_FILE).read_text())
 
@@ -543,6 +555,8 @@ def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
 
     # ---- resume --------------------------------------------------------------------------
     step = 0
+    if out_dir is not None and not config.resume:
+        refuse_overwriting_checkpoints(out_dir)
     ckpt = find_checkpoint(out_dir) if (config.resume and out_dir) else None
     if config.resume and ckpt is None:
         logger.info("resume=True but no checkpoint in %s: starting from step 0", out_dir)

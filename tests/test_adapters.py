@@ -617,7 +617,8 @@ def test_save_load_round_trip_is_bit_exact(arch, method, tmp_path, input_ids):
     randomize(model)
     expected = logits(model, input_ids)
     model.save_adapter(tmp_path / "a")
-    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == ["hylorada_adapter.json", "hylorada_adapter.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "a").iterdir()) == [".hylorada", "hylorada_adapter.json",
+                                                                  "hylorada_adapter.safetensors"]
     loaded = HyLoRADAModel.from_pretrained(FACTORIES[arch](), tmp_path / "a")
     assert loaded.adapter_config == model.adapter_config
     sd_a, sd_b = model.adapter_state_dict(), loaded.adapter_state_dict()

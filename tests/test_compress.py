@@ -381,8 +381,8 @@ def test_save_load_round_trip_is_bit_exact(arch, dtype, tmp_path, input_ids):
     with torch.no_grad():
         ref = model(input_ids=input_ids).logits
     out_dir = save_compressed(model, tmp_path / "c", report=rep)
-    assert sorted(p.name for p in out_dir.iterdir()) == ["compress.json", "config.json",
-                                                          "model.safetensors"]
+    assert sorted(p.name for p in out_dir.iterdir()) == [".hylorada", "base_config.json", "compress.json",
+                                                          "config.json", "model.safetensors"]
     assert not list(tmp_path.glob(".c.*"))  # no temporary left behind
     loaded = load_compressed(out_dir)
     with torch.no_grad():
@@ -396,8 +396,8 @@ def test_save_load_round_trip_is_bit_exact(arch, dtype, tmp_path, input_ids):
     if model.config.tie_word_embeddings:
         assert loaded.get_output_embeddings().weight is loaded.get_input_embeddings().weight
     assert stored_size(loaded) == stored_size(model)
-    # saving again replaces the directory atomically
-    save_compressed(loaded, out_dir)
+    # saving again replaces the directory atomically (only when asked to)
+    save_compressed(loaded, out_dir, overwrite=True)
     assert json.loads((out_dir / "compress.json").read_text())["report"] is None
 
 

@@ -5,7 +5,8 @@
 Per target layer: the ranks that keep 90/95/99% of Σσ² (of W, and of W·L with calibration
 data, where σ² is output energy on the calibration tokens), the break-even rank m·n/(m+n),
 and the energy kept at 20% compression. Writes DIR/spectrum.png, DIR/analysis.md,
-DIR/analysis.json and DIR/spectra.safetensors (every σ), and prints the table.
+DIR/analysis.json and DIR/spectra.safetensors (every σ), atomically (an existing DIR is refused
+unless it is a previous analyze output and --overwrite is given), and prints the table.
 """
 from __future__ import annotations
 
@@ -29,6 +30,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--whiten-method", default="cholesky", choices=["cholesky", "eigh"])
     p.add_argument("--target", action="append", default=None, help="module name piece (repeatable)")
     p.add_argument("--out", default="out/analyze", help="output directory (default: %(default)s)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace a previous analyze output at --out (atomically)")
     p.add_argument("--dtype", default="float32")
     p.add_argument("--device", default="cpu")
     p.add_argument("--threads", type=int, default=None)
@@ -46,8 +49,12 @@ def run(args: argparse.Namespace) -> int:
     from ..compress.whiten import calibration_blocks
     from ..loading import load_model
 
+    from ..utils.io import atomic_output_dir, check_output_dir, clean_stale
+
     if args.threads:
         torch.set_num_threads(args.threads)
+    clean_stale(args.out)  # restores an output a killed run was replacing, removes its temp folder
+    check_output_dir(args.out, overwrite=args.overwrite, kind="analyze")  # before any work
     t0 = time.perf_counter()
     model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
     calibration = None
@@ -62,12 +69,12 @@ def run(args: argparse.Namespace) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     md = result.to_markdown()
-    (out / "analysis.md").write_text(f"# Spectra of {args.model}\n\n{md}")
-    (out / "analysis.json").write_text(json.dumps(result.to_dict(), indent=2))
-    save_file(result.spectra(), str(out / "spectra.safetensors"))
-    result.plot(out / "spectrum.png")
+    with atomic_output_dir(out, kind="analyze", overwrite=args.overwrite) as tmp:
+        (tmp / "analysis.md").write_text(f"# Spectra of {args.model}\n\n{md}")
+        (tmp / "analysis.json").write_text(json.dumps(result.to_dict(), indent=2))
+        save_file(result.spectra(), str(tmp / "spectra.safetensors"))
+        result.plot(tmp / "spectrum.png")
     print(md)
     print(f"wrote {out}/analysis.md, analysis.json, spectra.safetensors, spectrum.png "
           f"({time.perf_counter() - t0:.1f} s)")

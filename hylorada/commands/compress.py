@@ -18,9 +18,10 @@ tokens, before and after compression (and after recovery). --window-prefix auto|
 recovery block and perplexity window with BOS; results.json records the resolved value. Recovery trains adapters on the
 factors (hylorada.compress.api.recover_compressed) and merges them back; the rank stays k.
 
-Writes into --out (atomically): config.json, model.safetensors, compress.json (ranks and the
-report), the tokenizer, report.md and results.json. Load it with
-hylorada.compress.load_compressed(DIR).
+Writes --out atomically (a temporary sibling renamed into place; an existing path is refused
+unless it is a previous hylorada output and --overwrite is given): config.json (a marker that
+plain transformers refuses), base_config.json, model.safetensors, compress.json (ranks and the
+report), the tokenizer, report.md and results.json. Load it with hylorada.load_model(DIR).
 """
 from __future__ import annotations
 
@@ -126,7 +127,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--recover-targets", default="factors", choices=["factors", "layers"],
                    help="factors: adapters on up/down (rank stays k); layers: on whole layers (rank k + r)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=None, help="output directory (default: do not save)")
+    g.add_argument("--out", default=None, help="output directory (default: do not save); an existing "
+                   "path is refused unless it is a previous hylorada output and --overwrite is given")
+    g.add_argument("--overwrite", action="store_true",
+                   help="replace a previous hylorada output at --out (atomically, once the new one is complete)")
     g.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=run)
     return p
@@ -205,6 +209,12 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if args.out:  # before any work: never lose what is at --out (hylorada.utils.io)
+        from ..utils.io import check_output_dir, clean_stale
+
+        for line in clean_stale(args.out):  # first: restores an output a killed run was replacing
+            print(f"  note: {line}", file=sys.stderr)
+        check_output_dir(args.out, overwrite=args.overwrite, kind="compressed")
     progress = not args.no_progress
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -259,7 +269,7 @@ def run(args: argparse.Namespace) -> int:
                "report": report.to_dict(), "window_prefix": window_prefix, "perplexity": ppl, "recovery": recovery,
                "size_bytes": {"dense": size_dense, "final": size_after}, "timings": timings, "env": env_info()}
     if args.out:
-        out = save_compressed(model, args.out, report=report, tokenizer=tokenizer,
+        out = save_compressed(model, args.out, report=report, tokenizer=tokenizer, overwrite=args.overwrite,
                               extra={"report.md": report.to_markdown(),
                                      "results.json": json.dumps(jsonable(results), indent=2, default=str)})
         print(f"  wrote {Path(out)}")

@@ -83,21 +83,57 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--no-eval-before", action="store_true", help="skip the perplexity before training")
     g.add_argument("--window-prefix", default="auto", choices=["auto", "bos", "none"],
                    help="start every block and window with BOS: auto (when the tokenizer adds one), bos, none")
-    g.add_argument("--out", required=True, help="output directory")
+    g.add_argument("--out", required=True, help="output directory (new, empty, or a previous finetune run "
+                   "with --resume or --overwrite)")
     g.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint-last")
+    g.add_argument("--overwrite", action="store_true",
+                   help="start over in an OUT that holds a previous run; the new run is written beside it "
+                        "and replaces it only when complete")
     g.add_argument("--merge", action="store_true", help="also save the merged model (OUT/merged)")
     p.set_defaults(func=run)
     return p
 
 
 def _write_json_atomic(path: Path, obj) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w") as fh:
-        json.dump(obj, fh, indent=2, default=str)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
+    from ..utils.io import atomic_write_text
+
+    atomic_write_text(path, json.dumps(obj, indent=2, default=str) + "\n")
+
+
+# what a finetune --out folder may hold (anything else is the user's and blocks --overwrite)
+RUN_FILES = ("checkpoint-last", "checkpoint-best", ".old-checkpoint-last", ".old-checkpoint-best",
+             ".tmp-checkpoint-last", ".tmp-checkpoint-best", "train_log.jsonl", "adapter", "merged",
+             "finetune.json", ".hylorada")
+
+
+def check_run_dir(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> str:
+    """Before any work: "new" (missing or empty --out), "resume" (a previous run, --resume) or
+    "replace" (a previous run, --overwrite); anything else raises UsageError (a file, a folder we
+    did not write, another kind of hylorada output, a previous run without --resume/--overwrite)."""
+    from ..errors import UsageError
+    from ..train import find_checkpoint, read_checkpoint_state
+    from ..utils.io import check_output_dir, clean_stale, ours
+
+    p = Path(out).expanduser()
+    clean_stale(p)  # a run killed while replacing --out: its old output is put back first
+    if resume and overwrite:
+        raise UsageError("--resume and --overwrite exclude each other: --resume continues the run in "
+                         "--out, --overwrite starts a new one")
+    if p.is_dir() and not any(p.iterdir()):
+        return "new"
+    if p.is_dir() and ours(p) not in (None, "finetune"):
+        raise UsageError(f"--out {p}: holds a hylorada {ours(p)} output, not a finetune run; choose "
+                         "another --out")
+    if p.is_dir() and ours(p) == "finetune" and not overwrite:
+        if resume:
+            return "resume"
+        ckpt = find_checkpoint(p)
+        at = f" (checkpoint-last at step {read_checkpoint_state(ckpt).get('step')})" if ckpt else ""
+        raise UsageError(f"--out {p}: holds a previous finetune run{at}; pass --resume to continue it, "
+                         "--overwrite to start over (the old run stays until the new one is complete), "
+                         "or choose another --out")
+    existed = check_output_dir(p, overwrite=overwrite, known=RUN_FILES, kind="finetune")  # refuses files, foreign folders
+    return "replace" if existed else "new"
 
 
 def run(args: argparse.Namespace) -> int:
@@ -144,6 +180,7 @@ def run(args: argparse.Namespace) -> int:
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    mode = check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any work
 
     # a long timeout: the other processes wait at a barrier while the main one computes perplexity
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
@@ -151,9 +188,18 @@ def run(args: argparse.Namespace) -> int:
     is_main = accelerator.is_main_process
     logging.basicConfig(level=logging.INFO if is_main else logging.WARNING,
                         format="%(asctime)s %(name)s: %(message)s")
-    out = Path(args.out)
-    if is_main:
-        out.mkdir(parents=True, exist_ok=True)
+    final_out = out = Path(args.out).expanduser()
+    if mode == "replace":  # the new run goes beside the old one and replaces it at the end
+        from ..utils.io import clean_stale, new_temp_sibling
+
+        if is_main:
+            clean_stale(final_out)
+        out = new_temp_sibling(final_out) if is_main else final_out
+        train_config.out_dir = str(out)
+    elif is_main:
+        from ..utils.io import claim_work_dir
+
+        claim_work_dir(out, "finetune")
 
     def say(msg: str) -> None:
         if is_main:
@@ -259,8 +305,8 @@ def run(args: argparse.Namespace) -> int:
     timings["eval_after_s"] = time.perf_counter() - t0
 
     if is_main:
-        wrapped.save_adapter(out / "adapter")
-        say(f"adapter saved to {out / 'adapter'}")
+        wrapped.save_adapter(out / "adapter", overwrite=True)  # the run folder is ours (check_run_dir)
+        say(f"adapter saved to {final_out / 'adapter'}")
         if args.merge:
             t0 = time.perf_counter()
             probe = eval_sets["test"][:, :64].to(device)
@@ -269,11 +315,10 @@ def run(args: argparse.Namespace) -> int:
                 merged = wrapped.merge_and_unload()
                 after_merge = merged(input_ids=probe).logits.float()
             merge_err = float((after_merge - before_merge).abs().max())
-            merged.save_pretrained(out / "merged")
-            tokenizer.save_pretrained(out / "merged")
+            _save_merged(merged, tokenizer, out / "merged")
             timings["merge_s"] = time.perf_counter() - t0
             log["merge_max_abs_logit_diff"] = merge_err
-            say(f"merged model saved to {out / 'merged'} (max |logit diff| after merge {merge_err:.2e})")
+            say(f"merged model saved to {final_out / 'merged'} (max |logit diff| after merge {merge_err:.2e})")
         timings["total_s"] = time.perf_counter() - t_total
         log.update({
             "ppl_after": ppl_after,
@@ -283,10 +328,29 @@ def run(args: argparse.Namespace) -> int:
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         })
         _write_json_atomic(out / "finetune.json", log)
+        if out != final_out:
+            from ..utils.io import commit_dir
+
+            commit_dir(out, final_out, "finetune", files=RUN_FILES)
         for split in eval_sets:
             if split in ppl_before and split in ppl_after:
                 say(f"{split} perplexity: {ppl_before[split]['ppl']:.4f} -> {ppl_after[split]['ppl']:.4f}")
-        say(f"log: {out / 'finetune.json'}")
+        say(f"log: {final_out / 'finetune.json'}")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0
+
+
+def _save_merged(merged, tokenizer, folder: Path) -> None:
+    """OUT/merged, atomically: a compressed base (FactorizedLinear layers) is saved with
+    save_compressed (so hylorada.load_model rebuilds its factors exactly and plain transformers
+    refuses it); a dense one as a plain transformers folder."""
+    from ..compress.api import factorized_layers, save_compressed
+    from ..utils.io import atomic_output_dir
+
+    if factorized_layers(merged):
+        save_compressed(merged, folder, tokenizer=tokenizer, overwrite=True)
+        return
+    with atomic_output_dir(folder, kind="merged", overwrite=True, flag="merged folder") as tmp:
+        merged.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)

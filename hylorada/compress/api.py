@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import shutil
-import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -33,10 +31,13 @@ from .whiten import Whitening, collect_grams, whitened_svd, whitening_factor
 log = logging.getLogger(__name__)
 
 FORMAT = "hylorada.compressed"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: config.json is a marker transformers refuses; the real one is base_config.json
 WEIGHTS_NAME = "model.safetensors"
 META_NAME = "compress.json"
 CONFIG_NAME = "config.json"
+BASE_CONFIG_NAME = "base_config.json"
+MARKER_MODEL_TYPE = "hylorada_compressed"
+RESERVED_NAMES = (CONFIG_NAME, BASE_CONFIG_NAME, META_NAME, WEIGHTS_NAME, ".hylorada")
 
 
 # --------------------------------------------------------------------------------------------
@@ -419,44 +420,28 @@ def factorized_layers(model: nn.Module) -> dict[str, FactorizedLinear]:
 # --------------------------------------------------------------------------------------------
 # save / load
 # --------------------------------------------------------------------------------------------
-def _write_atomically(directory: Path, fill) -> None:
-    """Fill a temporary sibling directory, then rename it onto `directory` (replacing it)."""
-    directory = Path(directory)
-    directory.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{directory.name}.tmp-", dir=directory.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    try:
-        fill(tmp)
-        # mkdtemp (and safetensors) create owner-only entries; give them the usual umask modes
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.iterdir():
-            if f.is_file():
-                os.chmod(f, 0o666 & ~umask)
-        if directory.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{directory.name}.old-", dir=directory.parent))
-            os.replace(directory, old / "d")
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, directory)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 def save_compressed(model: nn.Module, directory: str | os.PathLike, report: CompressReport | None = None,
-                    tokenizer=None, extra: dict[str, str] | None = None) -> Path:
-    """Write `directory` (atomically: a temporary sibling renamed into place, replacing an
-    existing one): config.json (the base model's HF config, no quantization_config),
-    model.safetensors (the whole state dict, tied tensors stored once) and compress.json
-    (format, per-layer ranks and shapes, optionally the report); the tokenizer's files when
-    given, and `extra` text files (name -> content). No pickle anywhere."""
+                    tokenizer=None, extra: dict[str, str] | None = None, *, overwrite: bool = False) -> Path:
+    """Write `directory` through hylorada.utils.io.atomic_output_dir (a temporary sibling renamed
+    into place; an existing folder that is not a previous output of ours is refused, a previous
+    output is replaced only with `overwrite=True`). Files:
+    - config.json: a marker transformers refuses (model_type "hylorada_compressed"), so that a
+      plain `AutoModelForCausalLM.from_pretrained` fails instead of loading random linears;
+    - base_config.json: the base model's HF config (no quantization_config);
+    - model.safetensors: the whole state dict, tied tensors stored once;
+    - compress.json: format, per-layer ranks and shapes, optionally the report;
+    - the tokenizer's files when given, and `extra` text files (name -> content).
+    No pickle anywhere. Load with hylorada.load_model / load_compressed."""
     from safetensors.torch import save_model
+
+    from ..utils.io import atomic_output_dir
 
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError("save_compressed needs a transformers model with a .config")
+    for fname in extra or {}:
+        if Path(fname).name != fname or fname in RESERVED_NAMES:
+            raise ValueError(f"extra file name {fname!r} must be a plain, unused file name")
     cfg = config.to_dict()
     cfg.pop("quantization_config", None)
     layers = {name: {"rank": m.rank, "d_in": m.in_features, "d_out": m.out_features,
@@ -465,21 +450,27 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, report: Comp
     meta = {"format": FORMAT, "version": FORMAT_VERSION, "layers": layers,
             "tie_word_embeddings": bool(getattr(config, "tie_word_embeddings", False)),
             "report": None if report is None else report.to_dict()}
-
-    def fill(tmp: Path) -> None:
-        (tmp / CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
+    directory = Path(directory)
+    with atomic_output_dir(directory, kind="compressed", overwrite=overwrite, flag="output folder") as tmp:
+        (tmp / BASE_CONFIG_NAME).write_text(json.dumps(cfg, indent=2, sort_keys=True, default=str) + "\n")
         (tmp / META_NAME).write_text(json.dumps(meta, indent=2) + "\n")
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         for fname, text in (extra or {}).items():
-            if Path(fname).name != fname or fname in (CONFIG_NAME, META_NAME, WEIGHTS_NAME):
-                raise ValueError(f"extra file name {fname!r} must be a plain, unused file name")
             (tmp / fname).write_text(text)
-
-    directory = Path(directory)
-    _write_atomically(directory, fill)
+        # last: the tokenizer may have written a config.json of its own
+        (tmp / CONFIG_NAME).write_text(json.dumps(_marker_config(cfg), indent=2) + "\n")
     return directory
+
+
+def _marker_config(cfg: dict) -> dict:
+    return {"model_type": MARKER_MODEL_TYPE, "architectures": ["HyloradaCompressedForCausalLM"],
+            "base_model_type": cfg.get("model_type"),
+            "hylorada": {"format": FORMAT, "version": FORMAT_VERSION, "base_config": BASE_CONFIG_NAME,
+                         "note": "a hylorada compressed model: load it with hylorada.load_model(folder) "
+                                 "or hylorada.compress.load_compressed(folder); plain transformers "
+                                 "cannot build its factorised layers"}}
 
 
 def read_compressed_meta(directory: str | os.PathLike) -> dict:
@@ -492,34 +483,43 @@ def read_compressed_meta(directory: str | os.PathLike) -> dict:
     return meta
 
 
+def base_config(directory: str | os.PathLike):
+    """The base model's transformers config of a compressed folder (base_config.json; the
+    config.json of folders written before format version 2)."""
+    from transformers import AutoConfig
+
+    directory = Path(directory)
+    if (directory / BASE_CONFIG_NAME).is_file():
+        cfg = json.loads((directory / BASE_CONFIG_NAME).read_text())
+        model_type = cfg.pop("model_type")
+        config = AutoConfig.for_model(model_type, **cfg)
+    else:
+        config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    return config
+
+
 def load_compressed(directory: str | os.PathLike, dtype: torch.dtype | str | None = None,
                     device: torch.device | str | None = None) -> nn.Module:
-    """Rebuild the model from config.json (AutoModelForCausalLM.from_config, no remote code),
-    swap in FactorizedLinear layers of the saved ranks, load model.safetensors strictly
-    (each tensor in its saved dtype; tied weights re-tied by the architecture), then cast to
-    `dtype` / move to `device` if given. Returns the model in eval mode."""
-    from safetensors import safe_open
-    from safetensors.torch import load_model
-    from transformers import AutoConfig, AutoModelForCausalLM
+    """Rebuild the model from base_config.json (AutoModelForCausalLM.from_config, no remote code),
+    swap in FactorizedLinear layers of the saved ranks, load model.safetensors (each tensor in its
+    saved dtype; tied weights re-tied by the architecture), then cast to `dtype` / move to
+    `device` if given. The model is built in its final dtype, as from_pretrained(dtype=...)
+    builds it, so non-persistent buffers (RoPE inv_freq: float32 always) come out as
+    transformers makes them. Returns the model in eval mode. A missing, unexpected or misshapen
+    tensor raises HyloradaError naming the file and the keys."""
+    from transformers import AutoModelForCausalLM
 
     directory = Path(directory)
     meta = read_compressed_meta(directory)
-    config = AutoConfig.from_pretrained(str(directory), trust_remote_code=False,
-                                        local_files_only=True)
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
     weights = directory / WEIGHTS_NAME
-    st_dtypes = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-                 "F64": torch.float64}
-    with safe_open(str(weights), framework="pt") as f:
-        saved_dtypes = {k: f.get_slice(k).get_dtype() for k in f.keys()}
-    floating = [st_dtypes[c] for c in saved_dtypes.values() if c in st_dtypes]
+    saved_dtypes = _saved_dtypes(weights)
+    floating = [d for d in saved_dtypes.values() if d is not None]
     if dtype is not None:
         dtype = DTYPES[dtype.removeprefix("torch.")] if isinstance(dtype, str) else dtype
-    # built in the final dtype as from_pretrained(dtype=...) builds it: non-persistent buffers
-    # (RoPE inv_freq: float32 always) come out as transformers makes them
     build = dtype or (max(set(floating), key=floating.count) if floating else torch.float32)
-    model = AutoModelForCausalLM.from_config(config, trust_remote_code=False, dtype=build)
+    model = AutoModelForCausalLM.from_config(base_config(directory), trust_remote_code=False, dtype=build)
     for name, spec in meta["layers"].items():
         old = model.get_submodule(name)
         d_in, d_out = in_out_features(old)
@@ -528,21 +528,52 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype | str | Non
                              f"the architecture's {d_out} x {d_in}")
         _set_module(model, name, FactorizedLinear(d_in, d_out, spec["rank"], bias=spec["bias"],
                                                   dtype=build))
-    named = dict(model.named_parameters(remove_duplicate=False))
-    named.update(dict(model.named_buffers(remove_duplicate=False)))
-    with torch.no_grad():
-        for k, code in saved_dtypes.items():
-            t = named.get(k)
-            want = st_dtypes.get(code)
-            if t is not None and want is not None and t.dtype != want:
-                t.data = t.data.to(want)
-    load_model(model, str(weights), strict=True)
+    _load_weights_strict(model, weights, saved_dtypes)
     if dtype is not None:
         from ..loading import cast_weights
         cast_weights(model, dtype)
     if device is not None:
         model.to(device)
     return model.eval()
+
+
+_ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64}
+
+
+def _saved_dtypes(weights: Path) -> dict[str, torch.dtype | None]:
+    """{tensor name: its floating dtype in the safetensors file (None if not floating)}."""
+    from safetensors import safe_open
+
+    from ..errors import HyloradaError
+
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            return {k: _ST_DTYPES.get(f.get_slice(k).get_dtype()) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own error types
+        raise HyloradaError(f"{weights}: not a readable safetensors file ({e})") from e
+
+
+def _load_weights_strict(model: nn.Module, weights: Path, saved_dtypes: dict) -> None:
+    """Load a safetensors file into `model`, each tensor in its saved dtype; every key must match."""
+    from safetensors.torch import load_model
+
+    from ..errors import HyloradaError
+
+    named = dict(model.named_parameters(remove_duplicate=False))
+    named.update(dict(model.named_buffers(remove_duplicate=False)))
+    with torch.no_grad():
+        for k, want in saved_dtypes.items():
+            t = named.get(k)
+            if t is not None and want is not None and t.dtype != want:
+                t.data = t.data.to(want)
+    try:
+        missing, unexpected = load_model(model, str(weights), strict=False)
+    except RuntimeError as e:  # shape mismatches
+        raise HyloradaError(f"{weights}: tensors do not fit the model ({e})") from e
+    if missing or unexpected:
+        raise HyloradaError(f"{weights}: missing tensors {sorted(missing)[:10]}, unexpected tensors "
+                            f"{sorted(unexpected)[:10]}; the file does not belong to this model or is "
+                            "incomplete (write it again)")
 
 
 # --------------------------------------------------------------------------------------------

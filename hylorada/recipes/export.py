@@ -5,18 +5,18 @@
         "merged": merge_and_unload() -> save_pretrained(out) + tokenizer
                   (a compressed base is saved with save_compressed and loads with load_model)
 
-The output folder must not exist yet; it is written under a temporary sibling name and renamed
-into place, so an interrupted export leaves nothing half-written at `out`.
+The output folder must not exist yet (or be empty); it is written under a temporary sibling name
+and renamed into place (hylorada/utils/io.py), so an interrupted export leaves nothing
+half-written at `out`.
 """
 from __future__ import annotations
 
 import json
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 from ..errors import UsageError
+from ..utils.io import atomic_output_dir
 
 EXPORT_KINDS = ("peft", "merged")
 
@@ -49,17 +49,11 @@ def export_adapter(adapter_dir: str | os.PathLike, to: str, out: str | os.PathLi
     if to not in EXPORT_KINDS:
         raise UsageError(f"--to={to!r} is invalid: allowed {list(EXPORT_KINDS)}")
     out = Path(out)
-    if out.exists():
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
         raise UsageError(f"output {out} already exists: choose a new folder (nothing was written)")
     wrapped, tokenizer = load_adapted(model_name, adapter_dir, dtype=dtype)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=f".{out.name}.tmp-"))
-    try:
+    with atomic_output_dir(out, kind=f"export-{to}", flag="OUT") as tmp:
         _write(wrapped, tokenizer, to, tmp)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp)
     return out
 
 
