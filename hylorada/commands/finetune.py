@@ -22,7 +22,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -105,17 +104,14 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import data, evaluate
     from ..config import HyLoRADAConfig
-    from ..loading import load_model
     from ..model import HyLoRADAModel
     from ..train import NonFiniteLossError, TrainConfig, train
+    from ._common import check_out_dir, check_positions, check_tokens, finetune_interrupted, load_docs, \
+        load_model_checked
 
     t_total = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_seq_len"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
     steps = args.steps
     eval_every = args.eval_every if args.eval_every is not None else max(1, steps // 10)
     save_every = args.save_every if args.save_every is not None else max(1, steps // 10)
@@ -124,22 +120,19 @@ def run(args: argparse.Namespace) -> int:
     target_modules = args.target_modules
     if target_modules is not None and len(target_modules) == 1 and target_modules[0] == "all-linear":
         target_modules = "all-linear"
-    try:
-        adapter_config = HyLoRADAConfig(
-            method=args.method, lora_rank=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
-            target_modules=target_modules, use_rslora=args.rslora, init_lora_weights=args.init,
-            lora_plus_enabled=args.lora_plus_ratio is not None,
-            lora_plus_ratio=args.lora_plus_ratio if args.lora_plus_ratio is not None else 16.0)
-        train_config = TrainConfig(
-            steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-            weight_decay=args.weight_decay, warmup_steps=warmup, schedule=args.schedule,
-            min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
-            eval_every=eval_every, eval_batches=args.eval_batches, save_every=save_every,
-            out_dir=str(args.out), resume=args.resume, mixed_precision=args.mixed_precision,
-            log_every=args.log_every, progress=not args.no_progress)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    adapter_config = HyLoRADAConfig(
+        method=args.method, lora_rank=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
+        target_modules=target_modules, use_rslora=args.rslora, init_lora_weights=args.init,
+        lora_plus_enabled=args.lora_plus_ratio is not None,
+        lora_plus_ratio=args.lora_plus_ratio if args.lora_plus_ratio is not None else 16.0)
+    train_config = TrainConfig(
+        steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+        weight_decay=args.weight_decay, warmup_steps=warmup, schedule=args.schedule,
+        min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
+        eval_every=eval_every, eval_batches=args.eval_batches, save_every=save_every,
+        out_dir=str(args.out), resume=args.resume, mixed_precision=args.mixed_precision,
+        log_every=args.log_every, progress=not args.no_progress)
+    check_out_dir(args.out)
 
     # a long timeout: the other processes wait at a barrier while the main one computes perplexity
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
@@ -157,22 +150,26 @@ def run(args: argparse.Namespace) -> int:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+    model, tokenizer = load_model_checked(args.model, dtype=args.dtype, device="cpu")
+    check_positions(model, {"--seq-len": args.seq_len, "--eval-seq-len": args.eval_seq_len})
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    train_ids = data.token_stream(tokenizer, data.load_corpus(args.data, "train"))
+    train_ids = data.token_stream(tokenizer, load_docs(args.data, "train"))
     n_train_tokens = int(train_ids.numel())
     if args.max_train_tokens:
         train_ids = train_ids[: args.max_train_tokens]
+    check_tokens(int(train_ids.numel()), 2, "--data", f"{args.data} (train split)")
     train_blocks = data.pack_blocks(train_ids, args.seq_len, pad_id)
-    valid_docs, test_docs = data.load_corpus(args.data, "valid"), data.load_corpus(args.data, "test")
+    valid_docs, test_docs = load_docs(args.data, "valid"), load_docs(args.data, "test")
     valid_stream = data.token_stream(tokenizer, valid_docs)
     valid_blocks = data.pack_blocks(valid_stream[:max_eval] if max_eval else valid_stream, args.seq_len, pad_id)
     eval_sets = {"valid": data.eval_ids(tokenizer, valid_docs), "test": data.eval_ids(tokenizer, test_docs)}
     if max_eval:
         eval_sets = {k: v[:, :max_eval] for k, v in eval_sets.items()}
+    for split, ids in eval_sets.items():
+        check_tokens(int(ids.numel()), 2, "--data", f"{args.data} ({split} split)")
     timings["data_s"] = time.perf_counter() - t0
     n_blocks = int(train_blocks["input_ids"].shape[0])
     say(f"data: {args.data}: {n_train_tokens:,} train tokens -> {n_blocks} blocks of {args.seq_len}"
@@ -230,6 +227,8 @@ def run(args: argparse.Namespace) -> int:
     }
     try:
         result = train(wrapped, train_blocks, valid_blocks, train_config, accelerator=accelerator)
+    except KeyboardInterrupt:
+        raise finetune_interrupted(args, out) from None
     except NonFiniteLossError as e:
         say(f"error: {e}")
         if is_main:
