@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
+
 METHODS = ("lora", "dora", "hylorada", "lorada")
 INITS = ("kaiming", "orthogonal", "gaussian")
 ALL_LINEAR = "all-linear"
@@ -24,7 +26,7 @@ ATTENTION_TARGETS: dict[str, list[str]] = {
 
 
 def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"HyLoRADAConfig.{field_name}={value!r} is invalid: allowed {allowed}")
+    raise UsageError(f"HyLoRADAConfig.{field_name}={value!r} is invalid: allowed {allowed}")
 
 
 @dataclass
@@ -102,7 +104,7 @@ class HyLoRADAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"HyLoRADAConfig got unknown fields {unknown}; allowed fields: {sorted(known)}")
+            raise UsageError(f"HyLoRADAConfig got unknown fields {unknown}; allowed fields: {sorted(known)}")
         return cls(**data)
 
     def to_json(self, path: str | Path | None = None) -> str:

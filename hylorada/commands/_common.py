@@ -14,6 +14,7 @@ input and the library.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
@@ -448,6 +449,23 @@ def write_text_atomic(path: str | os.PathLike, text: str) -> None:
 
 
 # ----------------------------------------------------------------------------- misc
+_FIELD = re.compile(r"^(?:[A-Z]\w*\.|benchmark )?(\w+)")
+
+
+@contextlib.contextmanager
+def as_flags(fields: dict[str, str]):
+    """Prefix a config's UsageError ("TrainConfig.lr=... is invalid: allowed ...") with the flag
+    that set the field (`fields`: field -> flag), so the user sees which flag to change."""
+    try:
+        yield
+    except UsageError as e:
+        m = _FIELD.match(str(e))
+        flag = fields.get(m.group(1)) if m else None
+        if flag is None:
+            raise
+        raise UsageError(f"{flag}: {e}") from None
+
+
 def one_line(e: BaseException | str) -> str:
     return " ".join(str(e).split())
 

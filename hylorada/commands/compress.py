@@ -183,18 +183,22 @@ def run(args: argparse.Namespace) -> int:
     from ..compress.api import recover_compressed
     from ..compress.whiten import calibration_blocks
     from ..evaluate import jsonable, model_size
-    from ._common import check_compress_targets, check_out_dir, check_positions, load_docs, load_model_checked
+    from ._common import as_flags, check_compress_targets, check_out_dir, check_positions, load_docs, load_model_checked
 
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = {k: getattr(args, k) for k in ("ratio", "energy", "alpha", "budget") if getattr(args, k) is not None}
     if not policy:
         policy = {"ratio": 0.2}
-    config = CompressConfig(method=args.method, **policy, target_modules=args.target,
-                            overrides=dict(args.override), svd_solver=args.solver, calib_precision=args.calib_precision, rank_multiple=args.rank_multiple,
-                            whiten_method=args.whiten_method, calib_blocks=args.calib_blocks,
-                            calib_seq_len=args.calib_seq_len, calib_batch_size=args.calib_batch_size,
-                            force=args.force, dtype=args.factor_dtype, seed=args.seed)
+    with as_flags({"ratio": "--ratio", "energy": "--energy", "alpha": "--alpha", "budget": "--budget",
+                   "target_modules": "--target", "overrides": "--override", "dtype": "--factor-dtype",
+                   "rank_multiple": "--rank-multiple", "calib_blocks": "--calib-blocks",
+                   "calib_seq_len": "--calib-seq-len", "calib_batch_size": "--calib-batch-size", "seed": "--seed"}):
+        config = CompressConfig(method=args.method, **policy, target_modules=args.target,
+                                overrides=dict(args.override), svd_solver=args.solver, calib_precision=args.calib_precision, rank_multiple=args.rank_multiple,
+                                whiten_method=args.whiten_method, calib_blocks=args.calib_blocks,
+                                calib_seq_len=args.calib_seq_len, calib_batch_size=args.calib_batch_size,
+                                force=args.force, dtype=args.factor_dtype, seed=args.seed)
     check_out_dir(args.out)
     corpora = {"--eval": ([] if args.no_eval else args.eval.split(",")),
                "--calib": (args.calib.split(",") if args.method == "whiten" else []),

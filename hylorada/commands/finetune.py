@@ -85,6 +85,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+# config field -> the flag that sets it (for the one-line error of a config check)
+CONFIG_FLAGS = {
+    "lora_rank": "--rank", "lora_alpha": "--alpha", "lora_dropout": "--dropout", "target_modules": "--target-modules",
+    "init_lora_weights": "--init", "lora_plus_ratio": "--lora-plus-ratio", "steps": "--steps",
+    "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr", "weight_decay": "--weight-decay",
+    "warmup_steps": "--warmup-steps", "min_lr_ratio": "--min-lr-ratio", "max_grad_norm": "--max-grad-norm",
+    "eval_every": "--eval-every", "eval_batches": "--eval-batches", "save_every": "--save-every",
+    "log_every": "--log-every", "seed": "--seed", "resume": "--resume",
+}
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     tmp = path.with_name(f".{path.name}.tmp")
     with open(tmp, "w") as fh:
@@ -106,7 +117,7 @@ def run(args: argparse.Namespace) -> int:
     from ..config import HyLoRADAConfig
     from ..model import HyLoRADAModel
     from ..train import NonFiniteLossError, TrainConfig, train
-    from ._common import check_out_dir, check_positions, check_tokens, finetune_interrupted, load_docs, \
+    from ._common import as_flags, check_out_dir, check_positions, check_tokens, finetune_interrupted, load_docs, \
         load_model_checked
 
     t_total = time.perf_counter()
@@ -120,18 +131,19 @@ def run(args: argparse.Namespace) -> int:
     target_modules = args.target_modules
     if target_modules is not None and len(target_modules) == 1 and target_modules[0] == "all-linear":
         target_modules = "all-linear"
-    adapter_config = HyLoRADAConfig(
-        method=args.method, lora_rank=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
-        target_modules=target_modules, use_rslora=args.rslora, init_lora_weights=args.init,
-        lora_plus_enabled=args.lora_plus_ratio is not None,
-        lora_plus_ratio=args.lora_plus_ratio if args.lora_plus_ratio is not None else 16.0)
-    train_config = TrainConfig(
-        steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
-        weight_decay=args.weight_decay, warmup_steps=warmup, schedule=args.schedule,
-        min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
-        eval_every=eval_every, eval_batches=args.eval_batches, save_every=save_every,
-        out_dir=str(args.out), resume=args.resume, mixed_precision=args.mixed_precision,
-        log_every=args.log_every, progress=not args.no_progress)
+    with as_flags(CONFIG_FLAGS):
+        adapter_config = HyLoRADAConfig(
+            method=args.method, lora_rank=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
+            target_modules=target_modules, use_rslora=args.rslora, init_lora_weights=args.init,
+            lora_plus_enabled=args.lora_plus_ratio is not None,
+            lora_plus_ratio=args.lora_plus_ratio if args.lora_plus_ratio is not None else 16.0)
+        train_config = TrainConfig(
+            steps=steps, batch_size=args.batch_size, grad_accum=args.grad_accum, lr=args.lr,
+            weight_decay=args.weight_decay, warmup_steps=warmup, schedule=args.schedule,
+            min_lr_ratio=args.min_lr_ratio, max_grad_norm=args.max_grad_norm or None, seed=args.seed,
+            eval_every=eval_every, eval_batches=args.eval_batches, save_every=save_every,
+            out_dir=str(args.out), resume=args.resume, mixed_precision=args.mixed_precision,
+            log_every=args.log_every, progress=not args.no_progress)
     check_out_dir(args.out)
 
     # a long timeout: the other processes wait at a barrier while the main one computes perplexity
