@@ -52,6 +52,7 @@ def int_range(lo: int, hi: int | None = None, *, zero_means: str | None = None):
 
     parse.__name__ = "int"
     parse.allowed = allowed
+    parse.bad = [str(lo - 1 if lo - 1 != 0 or not zero_means else -1)] + ([str(hi + 1)] if hi is not None else [])
     return parse
 
 
@@ -74,6 +75,7 @@ def float_range(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_op
 
     parse.__name__ = "float"
     parse.allowed = allowed
+    parse.bad = [f"{lo if lo_open else lo - 1:g}", "nan"] + ([f"{hi if hi_open else hi + 1:g}"] if hi != math.inf else [])
     return parse
 
 
