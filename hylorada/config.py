@@ -58,6 +58,11 @@ class HyLoRADAConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("use_hylorada", "use_rslora", "lora_plus_enabled", "fused"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
+        if not isinstance(self.extra, dict):
+            _fail("extra", self.extra, "a dict")
         if self.method is None:
             self.method = "hylorada" if self.use_hylorada else "lora"
         if self.method not in METHODS:

@@ -160,7 +160,12 @@ class TrainConfig:
             bad("mixed_precision", f"one of {list(MIXED_PRECISION)}")
         if self.resume and not self.out_dir:
             bad("resume", "False unless out_dir is set (checkpoints live in out_dir)")
+        for name in ("resume", "progress", "shuffle"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "True or False")
         if self.out_dir is not None:
+            if not isinstance(self.out_dir, (str, os.PathLike)) or str(self.out_dir) == "":
+                bad("out_dir", "None or a folder path")
             self.out_dir = str(self.out_dir)
         if self.find_unused_parameters not in (None, True, False):
             bad("find_unused_parameters", "None (auto), True or False")

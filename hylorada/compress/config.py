@@ -111,6 +111,9 @@ class CompressConfig:
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]
+            if not isinstance(self.target_modules, (list, tuple)):
+                raise UsageError("CompressConfig.target_modules must be None or a non-empty list "
+                                 f"of module name pieces, got {self.target_modules!r}")
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) and t.strip(".")
                                                   for t in self.target_modules):
@@ -150,11 +153,12 @@ class CompressConfig:
             val = getattr(self, name)
             if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
                 raise UsageError(f"CompressConfig.{name} must be None or an int >= 1, got {val!r}")
-        if not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
+        if not isinstance(self.calib_batch_size, int) or isinstance(self.calib_batch_size, bool) \
+                or self.calib_batch_size < 1:
             raise UsageError(f"CompressConfig.calib_batch_size must be an int >= 1, "
                              f"got {self.calib_batch_size!r}")
-        if not _is_number(self.jitter) or not self.jitter > 0:
-            raise UsageError(f"CompressConfig.jitter must be > 0, got {self.jitter!r}")
+        if not _is_number(self.jitter) or not 0 < self.jitter < float("inf"):
+            raise UsageError(f"CompressConfig.jitter must be a finite number > 0, got {self.jitter!r}")
         if not isinstance(self.rank_multiple, int) or isinstance(self.rank_multiple, bool) or self.rank_multiple < 1:
             raise UsageError(f"CompressConfig.rank_multiple must be an int >= 1, got {self.rank_multiple!r}")
         if not isinstance(self.force, bool):
