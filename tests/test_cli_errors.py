@@ -329,7 +329,7 @@ def checkpointed(world, tmp_path_factory):
     ("rng.pt", None),  # truncated
     ("adapter.safetensors", b"\x00" * 10),
     ("trainer_state.json", b"{ nope"),
-])
+], ids=["optimizer-opcode148", "scheduler-empty", "rng-truncated", "adapter-zeros", "state-notjson"])
 def test_damaged_checkpoint_named(checkpointed, victim, content, capsys, tmp_path):
     argv, out = checkpointed
     run = tmp_path / "run"
