@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from .utils.io import atomic_write_text, claim_work_dir
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -178,11 +179,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 def make_config(preset: str = "cpu-quick", **overrides: Any) -> BenchConfig:
     """The preset's BenchConfig with `overrides` (None values are ignored)."""
     if preset not in PRESETS:
-        raise ValueError(f"unknown preset {preset!r}; allowed: {sorted(PRESETS)}")
+        raise UsageError(f"unknown preset {preset!r}; allowed: {sorted(PRESETS)}")
     known = {f.name for f in dataclasses.fields(BenchConfig)}
     unknown = sorted(set(overrides) - known)
     if unknown:
-        raise ValueError(f"unknown benchmark settings {unknown}; allowed: {sorted(known)}")
+        raise UsageError(f"unknown benchmark settings {unknown}; allowed: {sorted(known)}")
     values = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     cfg = BenchConfig(preset=preset, **values)
     validate_config(cfg)
@@ -191,15 +192,18 @@ def make_config(preset: str = "cpu-quick", **overrides: Any) -> BenchConfig:
 
 def validate_config(cfg: BenchConfig) -> None:
     def bad(name: str, allowed: str) -> None:
-        raise ValueError(f"benchmark {name}={getattr(cfg, name)!r} is invalid: allowed {allowed}")
+        raise UsageError(f"benchmark {name}={getattr(cfg, name)!r} is invalid: allowed {allowed}")
 
     for name in ("seeds", "steps", "batch_size", "seq_len", "target_rank", "eval_seq_len",
                  "eval_batch_size", "lim_buckets", "recovery_rank", "calib_blocks", "calib_seq_len"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             bad(name, "an integer >= 1")
-    if cfg.eval_seq_len < 2:
-        bad("eval_seq_len", "an integer >= 2")
+    for name in ("seq_len", "eval_seq_len", "calib_seq_len"):  # one token predicts nothing
+        if getattr(cfg, name) < 2:
+            bad(name, "an integer >= 2")
+    if not isinstance(cfg.lr, (int, float)) or isinstance(cfg.lr, bool) or not 0 < cfg.lr < math.inf:
+        bad("lr", "a finite number > 0")
     if cfg.eval_max_tokens is not None and (not isinstance(cfg.eval_max_tokens, int) or cfg.eval_max_tokens < 2):
         bad("eval_max_tokens", "None or an integer >= 2")
     for m in cfg.methods:

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .errors import UsageError
+
 METHODS = ("lora", "dora", "hylorada", "lorada")
 INITS = ("kaiming", "orthogonal", "gaussian")
 ALL_LINEAR = "all-linear"
@@ -24,7 +26,7 @@ ATTENTION_TARGETS: dict[str, list[str]] = {
 
 
 def _fail(field_name: str, value: Any, allowed: str) -> None:
-    raise ValueError(f"HyLoRADAConfig.{field_name}={value!r} is invalid: allowed {allowed}")
+    raise UsageError(f"HyLoRADAConfig.{field_name}={value!r} is invalid: allowed {allowed}")
 
 
 @dataclass
@@ -56,6 +58,11 @@ class HyLoRADAConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("use_hylorada", "use_rslora", "lora_plus_enabled", "fused"):
+            if not isinstance(getattr(self, name), bool):
+                _fail(name, getattr(self, name), "True or False")
+        if not isinstance(self.extra, dict):
+            _fail("extra", self.extra, "a dict")
         if self.method is None:
             self.method = "hylorada" if self.use_hylorada else "lora"
         if self.method not in METHODS:
@@ -102,7 +109,7 @@ class HyLoRADAConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - known)
         if unknown:
-            raise ValueError(f"HyLoRADAConfig got unknown fields {unknown}; allowed fields: {sorted(known)}")
+            raise UsageError(f"HyLoRADAConfig got unknown fields {unknown}; allowed fields: {sorted(known)}")
         return cls(**data)
 
     def to_json(self, path: str | Path | None = None) -> str:

@@ -48,6 +48,8 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from .errors import HyloradaError, UsageError
+
 logger = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100
@@ -128,7 +130,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> None:
-            raise ValueError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: allowed {allowed}")
+            raise UsageError(f"TrainConfig.{name}={getattr(self, name)!r} is invalid: allowed {allowed}")
 
         def is_int(x: Any) -> bool:
             return isinstance(x, int) and not isinstance(x, bool)
@@ -158,7 +160,12 @@ class TrainConfig:
             bad("mixed_precision", f"one of {list(MIXED_PRECISION)}")
         if self.resume and not self.out_dir:
             bad("resume", "False unless out_dir is set (checkpoints live in out_dir)")
+        for name in ("resume", "progress", "shuffle"):
+            if not isinstance(getattr(self, name), bool):
+                bad(name, "True or False")
         if self.out_dir is not None:
+            if not isinstance(self.out_dir, (str, os.PathLike)) or str(self.out_dir) == "":
+                bad("out_dir", "None or a folder path")
             self.out_dir = str(self.out_dir)
         if self.find_unused_parameters not in (None, True, False):
             bad("find_unused_parameters", "None (auto), True or False")
@@ -459,8 +466,27 @@ def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
 
 def load_adapter_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:
     """Load the adapter weights of a checkpoint dir into `model`; returns its trainer state."""
-    model.load_adapter_state_dict(load_file(str(Path(path) / ADAPTER_FILE)))
-    return read_checkpoint_state(path)
+    model.load_adapter_state_dict(read_checkpoint_file(Path(path) / ADAPTER_FILE, lambda p: load_file(str(p))))
+    return read_checkpoint_file(Path(path) / STATE_FILE, lambda p: json.loads(p.read_text()))
+
+
+def _torch_load(path: Path) -> Any:
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def read_checkpoint_file(path: Path, reader: Callable[[Path], Any]) -> Any:
+    """reader(path), with a damaged file (truncated, garbage, not our format) reported as a
+    HyloradaError that names it instead of the reader's own error ("Unsupported operand 148")."""
+    import pickle
+
+    from safetensors import SafetensorError
+
+    try:
+        return reader(path)
+    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError) as e:
+        raise HyloradaError(f"checkpoint file {path} is damaged or not a checkpoint ({type(e).__name__}: "
+                            f"{' '.join(str(e).split())[:200]}); move {path.parent} away to restart from "
+                            "an older checkpoint or from step 0") from e
 
 
 # ----------------------------------------------------------------------------------------------
@@ -539,7 +565,7 @@ def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
     world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
     device = accelerator.device
     if config.batch_size < world:
-        raise ValueError(f"TrainConfig.batch_size={config.batch_size} is the GLOBAL micro-batch: it must be "
+        raise UsageError(f"TrainConfig.batch_size={config.batch_size} is the GLOBAL micro-batch: it must be "
                          f">= the number of processes ({world})")
     use_bf16 = _resolve_precision(config.mixed_precision, device)
     out_dir = Path(config.out_dir) if config.out_dir else None
@@ -562,9 +588,9 @@ def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
         logger.info("resume=True but no checkpoint in %s: starting from step 0", out_dir)
     if ckpt is not None:
         st = load_adapter_checkpoint(core, ckpt)
-        optimizer.load_state_dict(torch.load(ckpt / "optimizer.pt", map_location="cpu", weights_only=True))
-        scheduler.load_state_dict(torch.load(ckpt / "scheduler.pt", map_location="cpu", weights_only=True))
-        rngs = torch.load(ckpt / "rng.pt", map_location="cpu", weights_only=True)["ranks"]
+        optimizer.load_state_dict(read_checkpoint_file(ckpt / "optimizer.pt", _torch_load))
+        scheduler.load_state_dict(read_checkpoint_file(ckpt / "scheduler.pt", _torch_load))
+        rngs = read_checkpoint_file(ckpt / "rng.pt", lambda p: _torch_load(p)["ranks"])
         if len(rngs) == world:
             set_rng_state(rngs[rank])
         else:

@@ -40,6 +40,8 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from .errors import HyloradaError, UsageError
+
 log = logging.getLogger(__name__)
 
 RANK_CHOICES = (4, 8, 16, 32)
@@ -63,6 +65,31 @@ class TuneSettings:
     dtype: str = "float32"
     device: str = "cpu"
     mixed_precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        def bad(name: str, allowed: str) -> None:
+            raise UsageError(f"TuneSettings.{name}={getattr(self, name)!r} is invalid: allowed {allowed}")
+
+        def is_int(x: Any) -> bool:
+            return isinstance(x, int) and not isinstance(x, bool)
+
+        if self.method not in ("lora", "dora", "hylorada", "lorada"):
+            bad("method", "one of ['lora', 'dora', 'hylorada', 'lorada']")
+        for name, lo in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("warmup_steps", 0),
+                         ("valid_blocks", 1), ("seed", 0)):
+            if not is_int(getattr(self, name)) or getattr(self, name) < lo:
+                bad(name, f"an integer >= {lo}")
+        if not is_int(self.eval_every) or not 1 <= self.eval_every <= self.steps:
+            bad("eval_every", f"an integer in [1, steps={self.steps}]")
+        for name in ("model", "data", "dtype", "device"):
+            if not isinstance(getattr(self, name), str) or not getattr(self, name):
+                bad(name, "a non-empty string")
+        t = self.targets
+        if not (isinstance(t, str) and t) and not (isinstance(t, (list, tuple)) and t
+                                                    and all(isinstance(x, str) and x for x in t)):
+            bad("targets", "'all-linear', a regex string or a non-empty list of module names")
+        if self.mixed_precision not in ("auto", "no", "bf16"):
+            bad("mixed_precision", "one of ['auto', 'no', 'bf16']")
 
     def to_dict(self) -> dict[str, Any]:
         import dataclasses
@@ -125,6 +152,21 @@ def adapter_config_from_params(method: str, params: dict[str, Any], targets) -> 
     return cfg
 
 
+def check_storage(url: str) -> None:
+    """A database URL Optuna can open (SQLAlchemy's form `dialect[+driver]://...`), checked before
+    any work; raises UsageError naming the URL."""
+    from sqlalchemy.engine import make_url
+    from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+    example = "e.g. sqlite:///runs/tune/tune.db or postgresql://user@host/db"
+    try:
+        make_url(url).get_dialect()
+    except (ArgumentError, ValueError):
+        raise UsageError(f"storage {url!r} is not a database URL; {example}") from None
+    except (NoSuchModuleError, ImportError) as e:
+        raise UsageError(f"storage {url!r}: unknown or uninstalled database kind ({e}); {example}") from None
+
+
 def _open_storage(url: str):
     """An Optuna storage for `url`; SQLite gets a long busy timeout (workers wait for the lock)."""
     import optuna
@@ -160,7 +202,9 @@ def open_study(storage: str, study_name: str, sampler_seed: int | None, seed: in
             last = e
             log.info("opening the study failed (%s), retrying", e)
             time.sleep(0.2 + 0.3 * attempt)
-    raise RuntimeError(f"could not open Optuna study {study_name!r} at {storage}: {last}") from last
+    raise HyloradaError(f"could not open Optuna study {study_name!r} at {storage} after {retries} tries: "
+                        f"{type(last).__name__}: {' '.join(str(last).split())[:300]}; check the storage URL "
+                        "and that the database is reachable") from last
 
 
 def _prepare_data(tokenizer, settings: TuneSettings):
@@ -194,12 +238,12 @@ def run_tune(settings: TuneSettings | None = None, *, n_trials: int = 20, storag
     from .train import NonFiniteLossError, TrainConfig, train
 
     settings = settings or TuneSettings()
+    if storage is not None:
+        check_storage(storage)
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or default_storage(out)
     study_name = study_name or f"{settings.method}-{Path(str(settings.model)).name}-{Path(str(settings.data)).name}"
-    if settings.eval_every < 1 or settings.eval_every > settings.steps:
-        raise ValueError(f"eval_every={settings.eval_every} must be in [1, steps={settings.steps}]")
 
     if model_factory is None:
         from .loading import load_model

@@ -405,8 +405,11 @@ def test_a_crafted_checkpoint_pickle_is_refused(tmp_path):
     run(save_every=1)
     mark = tmp_path / "MARK"
     (tmp_path / "checkpoint-last" / "optimizer.pt").write_bytes(pickle.dumps(_Evil(str(mark))))
-    with pytest.raises(pickle.UnpicklingError):
+    from hylorada.errors import HyloradaError
+
+    with pytest.raises(HyloradaError, match="optimizer.pt") as info:  # refused, the file named
         run(resume=True)
+    assert isinstance(info.value.__cause__, pickle.UnpicklingError)
     assert not mark.exists()
 
 

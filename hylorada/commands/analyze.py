@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 import time
 from pathlib import Path
 
@@ -47,27 +46,36 @@ def run(args: argparse.Namespace) -> int:
 
     from ..compress.analyze import analyze_model
     from ..compress.whiten import calibration_blocks
-    from ..loading import load_model
+    from ..compress.api import find_target_layers
+    from ..errors import UsageError
+    from ._common import check_out_dir, check_positions, load_docs, load_model_checked
 
     from ..utils.io import atomic_output_dir, check_output_dir, clean_stale
 
     if args.threads:
         torch.set_num_threads(args.threads)
+    check_out_dir(args.out)
     clean_stale(args.out)  # restores an output a killed run was replacing, removes its temp folder
     check_output_dir(args.out, overwrite=args.overwrite, kind="analyze")  # before any work
+    for name in filter(None, (n.strip() for n in (args.calib or "").split(","))):
+        load_docs(name, "train", "--calib")
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model_checked(args.model, dtype=args.dtype, device=args.device)
+    check_positions(model, {"--calib-seq-len": args.calib_seq_len if args.calib else None})
+    try:
+        find_target_layers(model, args.target)
+    except ValueError as e:
+        raise UsageError(f"--target {' '.join(args.target or [])}: {e}") from None
     calibration = None
     if args.calib:
-        calibration = calibration_blocks(tokenizer, args.calib, args.calib_blocks, args.calib_seq_len,
-                                         seed=args.seed)
-    try:
-        result = analyze_model(model, calibration, args.target, args.whiten_method,
-                               batch_size=args.calib_batch_size, progress=not args.no_progress,
-                               model_name=f"{args.model}" + (f", whitened on {args.calib}" if args.calib else ""))
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        try:
+            calibration = calibration_blocks(tokenizer, args.calib, args.calib_blocks, args.calib_seq_len,
+                                             seed=args.seed)
+        except ValueError as e:  # "<corpus> (train) has N blocks of L tokens, M asked"
+            raise UsageError(f"--calib {args.calib}: {e}; lower --calib-blocks or --calib-seq-len") from None
+    result = analyze_model(model, calibration, args.target, args.whiten_method,
+                           batch_size=args.calib_batch_size, progress=not args.no_progress,
+                           model_name=f"{args.model}" + (f", whitened on {args.calib}" if args.calib else ""))
     out = Path(args.out)
     md = result.to_markdown()
     with atomic_output_dir(out, kind="analyze", overwrite=args.overwrite) as tmp:

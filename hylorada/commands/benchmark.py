@@ -56,25 +56,29 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..benchmark import PRESETS, list_cells, make_config, run_benchmark
+    from ._common import as_flags, check_device, check_out_dir, check_positions, load_docs, load_model_checked
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:
         torch.set_num_threads(args.threads)
     device = args.device or PRESETS[args.preset].get("device", "cpu")
+    if args.device:
+        check_device(args.device)
+    check_out_dir(args.out)
     if device.startswith("cuda") and not torch.cuda.is_available():
-        if args.device:
-            print(f"error: --device {args.device} but CUDA is not available", file=sys.stderr)
-            return 2
         print(f"note: preset {args.preset} is sized for a GPU but none is available; running on cpu "
               "(this will be slow)", file=sys.stderr)
         device = "cpu"
-    try:
+    with as_flags({"seeds": "--seeds", "steps": "--steps", "target_rank": "--rank",
+                   "eval_max_tokens": "--eval-tokens"}):
         cfg = make_config(args.preset, model=args.model, data=args.data, seeds=args.seeds, steps=args.steps,
                           target_rank=args.target_rank, eval_max_tokens=args.eval_max_tokens, device=device,
                           peft=False if args.no_peft else None, window_prefix=args.window_prefix)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    if not args.list and not args.report_only:  # the model, its positions and the data, before any cell
+        load_docs(cfg.data, "train")
+        model, _ = load_model_checked(cfg.model, dtype=cfg.dtype, device="cpu")
+        check_positions(model, {"seq_len (preset)": cfg.seq_len, "eval_seq_len (preset)": cfg.eval_seq_len})
+        del model
     out = args.out or f"runs/benchmark-{cfg.preset}"
     if args.list:
         for cid, done in list_cells(cfg, out):

@@ -33,6 +33,8 @@ import sys
 import time
 from pathlib import Path
 
+from ..errors import UsageError
+
 
 def _budget(text: str) -> float:
     t = text.strip().lower().replace("_", "").replace(",", "")
@@ -193,35 +195,46 @@ def run(args: argparse.Namespace) -> int:
     from ..compress.api import recover_compressed
     from ..compress.whiten import calibration_blocks
     from ..evaluate import jsonable, model_size
-    from ..loading import load_model
+    from ._common import as_flags, check_compress_targets, check_out_dir, check_positions, load_docs, load_model_checked
 
     if args.threads:
         torch.set_num_threads(args.threads)
     policy = {k: getattr(args, k) for k in ("ratio", "energy", "alpha", "budget") if getattr(args, k) is not None}
     if not policy:
         policy = {"ratio": 0.2}
-    try:
+    with as_flags({"ratio": "--ratio", "energy": "--energy", "alpha": "--alpha", "budget": "--budget",
+                   "target_modules": "--target", "overrides": "--override", "dtype": "--factor-dtype",
+                   "rank_multiple": "--rank-multiple", "calib_blocks": "--calib-blocks",
+                   "calib_seq_len": "--calib-seq-len", "calib_batch_size": "--calib-batch-size", "seed": "--seed"}):
         config = CompressConfig(method=args.method, **policy, target_modules=args.target,
                                 overrides=dict(args.override), svd_solver=args.solver, calib_precision=args.calib_precision, rank_multiple=args.rank_multiple,
                                 whiten_method=args.whiten_method, calib_blocks=args.calib_blocks,
                                 calib_seq_len=args.calib_seq_len, calib_batch_size=args.calib_batch_size,
                                 force=args.force, dtype=args.factor_dtype, seed=args.seed)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    check_out_dir(args.out)  # writable (a temp file in the nearest existing folder)
     if args.out:  # before any work: never lose what is at --out (hylorada.utils.io)
         from ..utils.io import check_output_dir, clean_stale
 
         for line in clean_stale(args.out):  # first: restores an output a killed run was replacing
             print(f"  note: {line}", file=sys.stderr)
         check_output_dir(args.out, overwrite=args.overwrite, kind="compressed")
+    corpora = {"--eval": ([] if args.no_eval else args.eval.split(",")),
+               "--calib": (args.calib.split(",") if args.method == "whiten" else []),
+               "--recover-data": (args.recover_data.split(",") if args.recover_steps > 0 else [])}
+    for flag, names in corpora.items():
+        for name in filter(None, (n.strip() for n in names)):
+            load_docs(name, "test" if flag == "--eval" else "train", flag)
     progress = not args.no_progress
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model_checked(args.model, dtype=args.dtype, device=args.device)
     timings["load_s"] = time.perf_counter() - t0
     from ..data import resolve_window_prefix
     window_prefix = resolve_window_prefix(tokenizer, args.window_prefix)
+    check_positions(model, {"--eval-seq-len": None if args.no_eval else args.eval_seq_len,
+                            "--calib-seq-len": args.calib_seq_len if args.method == "whiten" else None,
+                            "--recover-seq-len": args.recover_seq_len if args.recover_steps > 0 else None})
+    check_compress_targets(model, config)
     max_eval = args.max_eval_tokens or None
     ppl: dict[str, dict] = {}
 
@@ -234,14 +247,17 @@ def run(args: argparse.Namespace) -> int:
         timings[f"eval_{stage}_s"] = time.perf_counter() - t
         print(f"  perplexity {stage:>10}: " + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in ppl[stage].items()))
 
+    calibration = None
+    if args.method == "whiten":  # before any perplexity: too little calibration text is refused first
+        t = time.perf_counter()
+        try:
+            calibration = calibration_blocks(tokenizer, args.calib, args.calib_blocks, args.calib_seq_len,
+                                             seed=args.seed, window_prefix=window_prefix)
+        except ValueError as e:  # "<corpus> (train) has N blocks of L tokens, M asked"
+            raise UsageError(f"--calib {args.calib}: {e}; lower --calib-blocks or --calib-seq-len") from None
+        timings["calib_data_s"] = time.perf_counter() - t
     measure("dense")
     size_dense = model_size(model).n_bytes
-    calibration = None
-    if args.method == "whiten":
-        t = time.perf_counter()
-        calibration = calibration_blocks(tokenizer, args.calib, args.calib_blocks, args.calib_seq_len,
-                                         seed=args.seed, window_prefix=window_prefix)
-        timings["calib_data_s"] = time.perf_counter() - t
     t = time.perf_counter()
     report = compress_model(model, config, calibration=calibration, progress=progress)
     timings["compress_s"] = time.perf_counter() - t

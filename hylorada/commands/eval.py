@@ -14,9 +14,10 @@ import argparse
 import datetime as _dt
 import json
 import platform
-import sys
 import time
 from pathlib import Path
+
+from ..errors import UsageError
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -53,31 +54,33 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from .. import data, evaluate
-    from ..loading import load_model
+    from ._common import (check_out_file, check_positions, check_tokens, load_docs, load_model_checked,
+                          write_text_atomic)
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.stride is not None and not 1 <= args.stride <= args.seq_len:
-        print(f"error: --stride must be in [1, --seq-len={args.seq_len}]", file=sys.stderr)
-        return 2
+        raise UsageError(f"--stride {args.stride}: allowed 1..--seq-len ({args.seq_len})")
+    check_out_file(args.json_out, "--json", "eval")
     timings: dict[str, float] = {}
 
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device=args.device)
+    model, tokenizer = load_model_checked(args.model, dtype=args.dtype, device=args.device)
+    check_positions(model, {"--seq-len": args.seq_len})
     timings["load_s"] = time.perf_counter() - t0
     window_prefix = data.resolve_window_prefix(tokenizer, args.window_prefix)
     bos_id = tokenizer.bos_token_id if window_prefix == "bos" else None
     if bos_id is not None and args.stride is not None and args.stride > args.seq_len - 1:
-        print(f"error: --stride {args.stride}: with a BOS window prefix it must be in "
-              f"[1, --seq-len - 1 = {args.seq_len - 1}] (or use --window-prefix none)", file=sys.stderr)
-        return 2
+        raise UsageError(f"--stride {args.stride}: with a BOS window prefix it must be in "
+                         f"[1, --seq-len - 1 = {args.seq_len - 1}] (or use --window-prefix none)")
 
     t0 = time.perf_counter()
-    docs = data.load_corpus(args.data, args.split)
+    docs = load_docs(args.data, args.split)
     ids = data.eval_ids(tokenizer, docs)
     total_tokens = ids.shape[1]
     if args.max_tokens is not None:
         ids = ids[:, : args.max_tokens]
+    check_tokens(int(ids.shape[1]), 2, "--data", f"{args.data} ({args.split} split)")
     timings["data_s"] = time.perf_counter() - t0
 
     progress = not args.no_progress
@@ -139,8 +142,7 @@ def run(args: argparse.Namespace) -> int:
                     "machine": platform.machine(), "date": _dt.datetime.now().isoformat(timespec="seconds")},
         }
         path = Path(args.json_out)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(evaluate.jsonable(out), indent=2))
+        write_text_atomic(path, json.dumps(evaluate.jsonable(out), indent=2))
         print(f"\n  wrote {path}")
     return 0
 

@@ -24,7 +24,6 @@ import datetime as _dt
 import json
 import os
 import platform
-import sys
 import time
 from pathlib import Path
 
@@ -94,6 +93,17 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     return p
 
 
+# config field -> the flag that sets it (for the one-line error of a config check)
+CONFIG_FLAGS = {
+    "lora_rank": "--rank", "lora_alpha": "--alpha", "lora_dropout": "--dropout", "target_modules": "--target-modules",
+    "init_lora_weights": "--init", "lora_plus_ratio": "--lora-plus-ratio", "steps": "--steps",
+    "batch_size": "--batch-size", "grad_accum": "--grad-accum", "lr": "--lr", "weight_decay": "--weight-decay",
+    "warmup_steps": "--warmup-steps", "min_lr_ratio": "--min-lr-ratio", "max_grad_norm": "--max-grad-norm",
+    "eval_every": "--eval-every", "eval_batches": "--eval-batches", "save_every": "--save-every",
+    "log_every": "--log-every", "seed": "--seed", "resume": "--resume",
+}
+
+
 def _write_json_atomic(path: Path, obj) -> None:
     from ..utils.io import atomic_write_text
 
@@ -145,17 +155,14 @@ def run(args: argparse.Namespace) -> int:
 
     from .. import data, evaluate
     from ..config import HyLoRADAConfig
-    from ..loading import load_model
     from ..model import HyLoRADAModel
     from ..train import NonFiniteLossError, TrainConfig, train
+    from ._common import as_flags, check_out_dir, check_positions, check_tokens, finetune_interrupted, load_docs, \
+        load_model_checked
 
     t_total = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
-    for name in ("steps", "batch_size", "grad_accum", "seq_len", "eval_seq_len"):
-        if getattr(args, name) < 1:
-            print(f"error: --{name.replace('_', '-')} must be >= 1", file=sys.stderr)
-            return 2
     steps = args.steps
     eval_every = args.eval_every if args.eval_every is not None else max(1, steps // 10)
     save_every = args.save_every if args.save_every is not None else max(1, steps // 10)
@@ -164,7 +171,7 @@ def run(args: argparse.Namespace) -> int:
     target_modules = args.target_modules
     if target_modules is not None and len(target_modules) == 1 and target_modules[0] == "all-linear":
         target_modules = "all-linear"
-    try:
+    with as_flags(CONFIG_FLAGS):
         adapter_config = HyLoRADAConfig(
             method=args.method, lora_rank=args.rank, lora_alpha=args.alpha, lora_dropout=args.dropout,
             target_modules=target_modules, use_rslora=args.rslora, init_lora_weights=args.init,
@@ -177,9 +184,6 @@ def run(args: argparse.Namespace) -> int:
             eval_every=eval_every, eval_batches=args.eval_batches, save_every=save_every,
             out_dir=str(args.out), resume=args.resume, mixed_precision=args.mixed_precision,
             log_every=args.log_every, progress=not args.no_progress)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
     mode = check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any work
 
     # a long timeout: the other processes wait at a barrier while the main one computes perplexity
@@ -207,25 +211,29 @@ def run(args: argparse.Namespace) -> int:
 
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
-    model, tokenizer = load_model(args.model, dtype=args.dtype, device="cpu")
+    model, tokenizer = load_model_checked(args.model, dtype=args.dtype, device="cpu")
+    check_positions(model, {"--seq-len": args.seq_len, "--eval-seq-len": args.eval_seq_len})
     timings["load_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     window_prefix = data.resolve_window_prefix(tokenizer, args.window_prefix)
     bos_id = tokenizer.bos_token_id if window_prefix == "bos" else None
-    train_ids = data.token_stream(tokenizer, data.load_corpus(args.data, "train"))
+    train_ids = data.token_stream(tokenizer, load_docs(args.data, "train"))
     n_train_tokens = int(train_ids.numel())
     if args.max_train_tokens:
         train_ids = train_ids[: args.max_train_tokens]
+    check_tokens(int(train_ids.numel()), 2, "--data", f"{args.data} (train split)")
     train_blocks = data.pack_blocks(train_ids, args.seq_len, pad_id, bos_id=bos_id)
-    valid_docs, test_docs = data.load_corpus(args.data, "valid"), data.load_corpus(args.data, "test")
+    valid_docs, test_docs = load_docs(args.data, "valid"), load_docs(args.data, "test")
     valid_stream = data.token_stream(tokenizer, valid_docs)
     valid_blocks = data.pack_blocks(valid_stream[:max_eval] if max_eval else valid_stream, args.seq_len, pad_id,
                                    bos_id=bos_id)
     eval_sets = {"valid": data.eval_ids(tokenizer, valid_docs), "test": data.eval_ids(tokenizer, test_docs)}
     if max_eval:
         eval_sets = {k: v[:, :max_eval] for k, v in eval_sets.items()}
+    for split, ids in eval_sets.items():
+        check_tokens(int(ids.numel()), 2, "--data", f"{args.data} ({split} split)")
     timings["data_s"] = time.perf_counter() - t0
     n_blocks = int(train_blocks["input_ids"].shape[0])
     say(f"data: {args.data}: {n_train_tokens:,} train tokens -> {n_blocks} blocks of {args.seq_len}"
@@ -284,6 +292,8 @@ def run(args: argparse.Namespace) -> int:
     }
     try:
         result = train(wrapped, train_blocks, valid_blocks, train_config, accelerator=accelerator)
+    except KeyboardInterrupt:
+        raise finetune_interrupted(args, out) from None
     except NonFiniteLossError as e:
         say(f"error: {e}")
         if is_main:

@@ -13,7 +13,6 @@ is printed and written to OUT/best_config.json with the `hylorada finetune` flag
 from __future__ import annotations
 
 import argparse
-import sys
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -51,25 +50,34 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..tune import TuneSettings, run_tune
+    from ..tune import TuneSettings, check_storage, run_tune
+    from ._common import as_flags, check_out_dir, check_positions, load_docs, load_model_checked
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.n_trials < 1 or args.steps < 1:
-        print("error: --n-trials and --steps must be >= 1", file=sys.stderr)
-        return 2
     targets = args.target_modules
     targets = "all-linear" if targets == ["all-linear"] else targets
-    settings = TuneSettings(method=args.method, model=args.model, data=args.data, steps=args.steps,
-                            batch_size=args.batch_size, seq_len=args.seq_len,
-                            eval_every=args.eval_every or max(1, args.steps // 4), valid_blocks=args.valid_blocks,
-                            seed=args.seed, targets=targets, device=args.device)
-    try:
-        res = run_tune(settings, n_trials=args.n_trials, storage=args.storage, study_name=args.study,
-                       out_dir=args.out, sampler_seed=args.sampler_seed, n_startup_trials=args.startup_trials,
-                       progress=not args.no_progress)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+    with as_flags({"steps": "--steps", "batch_size": "--batch-size", "seq_len": "--seq-len",
+                   "eval_every": "--eval-every", "valid_blocks": "--valid-blocks", "targets": "--target-modules"}):
+        settings = TuneSettings(method=args.method, model=args.model, data=args.data, steps=args.steps,
+                                batch_size=args.batch_size, seq_len=args.seq_len,
+                                eval_every=args.eval_every or max(1, args.steps // 4),
+                                valid_blocks=args.valid_blocks, seed=args.seed, targets=targets,
+                                device=args.device)
+    if args.storage is not None:
+        with as_flags({"storage": "--storage"}):
+            check_storage(args.storage)
+    check_out_dir(args.out)
+    load_docs(args.data, "train")
+    load_docs(args.data, "valid")
+
+    def model_factory():
+        model, tokenizer = load_model_checked(args.model, dtype=settings.dtype, device=args.device)
+        check_positions(model, {"--seq-len": args.seq_len})
+        return model, tokenizer
+
+    res = run_tune(settings, n_trials=args.n_trials, storage=args.storage, study_name=args.study,
+                   out_dir=args.out, sampler_seed=args.sampler_seed, n_startup_trials=args.startup_trials,
+                   model_factory=model_factory, progress=not args.no_progress)
     print(f"this worker ran trials {res.trial_numbers}; the study has {res.n_trials_total} trial(s)")
     return 0

@@ -5,6 +5,7 @@ from dataclasses import asdict, dataclass, field
 
 import torch
 
+from ..errors import UsageError
 from .ranks import POLICIES
 from .svd import SOLVERS
 from .whiten import CALIB_PRECISIONS, WHITEN_METHODS
@@ -28,7 +29,7 @@ def _dtype_name(value, field_name: str, allow_none: bool = True) -> str | None:
                 "fp64": "float64", "double": "float64", "float": "float32"}.get(name, name)
         if name in DTYPES:
             return name
-    raise ValueError(f"CompressConfig.{field_name} must be one of {sorted(DTYPES)}"
+    raise UsageError(f"CompressConfig.{field_name} must be one of {sorted(DTYPES)}"
                      f"{' or None' if allow_none else ''}, got {value!r}")
 
 
@@ -96,90 +97,94 @@ class CompressConfig:
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
-            raise ValueError(f"CompressConfig.method must be one of {METHODS}, got {self.method!r}")
+            raise UsageError(f"CompressConfig.method must be one of {METHODS}, got {self.method!r}")
         set_ = [p for p in POLICIES if getattr(self, p) is not None]
         if len(set_) != 1:
-            raise ValueError(f"CompressConfig: set exactly one rank policy of {POLICIES} "
+            raise UsageError(f"CompressConfig: set exactly one rank policy of {POLICIES} "
                              f"(ratio, energy, alpha or budget), got {set_ or 'none'}")
         v = getattr(self, set_[0])
         if not _is_number(v):
-            raise ValueError(f"CompressConfig.{set_[0]} must be a number, got {v!r}")
+            raise UsageError(f"CompressConfig.{set_[0]} must be a number, got {v!r}")
         self._check_value(set_[0], v, f"CompressConfig.{set_[0]}")
         if self.budget_energy not in BUDGET_ENERGY:
-            raise ValueError(f"CompressConfig.budget_energy must be one of {BUDGET_ENERGY}, "
+            raise UsageError(f"CompressConfig.budget_energy must be one of {BUDGET_ENERGY}, "
                              f"got {self.budget_energy!r}")
         if self.target_modules is not None:
             if isinstance(self.target_modules, str):
                 self.target_modules = [self.target_modules]
+            if not isinstance(self.target_modules, (list, tuple)):
+                raise UsageError("CompressConfig.target_modules must be None or a non-empty list "
+                                 f"of module name pieces, got {self.target_modules!r}")
             self.target_modules = list(self.target_modules)
             if not self.target_modules or not all(isinstance(t, str) and t.strip(".")
                                                   for t in self.target_modules):
-                raise ValueError("CompressConfig.target_modules must be None or a non-empty list "
+                raise UsageError("CompressConfig.target_modules must be None or a non-empty list "
                                  f"of module name pieces, got {self.target_modules!r}")
         if not isinstance(self.overrides, dict):
-            raise ValueError(f"CompressConfig.overrides must be a dict name -> value, "
+            raise UsageError(f"CompressConfig.overrides must be a dict name -> value, "
                              f"got {type(self.overrides).__name__}")
         for key, val in self.overrides.items():
             where = f"CompressConfig.overrides[{key!r}]"
             if not isinstance(key, str) or not key.strip("."):
-                raise ValueError(f"CompressConfig.overrides keys must be module name pieces, got {key!r}")
+                raise UsageError(f"CompressConfig.overrides keys must be module name pieces, got {key!r}")
             if isinstance(val, str):
                 if val != "dense":
-                    raise ValueError(f"{where} must be a float in the policy's unit, an int rank "
+                    raise UsageError(f"{where} must be a float in the policy's unit, an int rank "
                                      f"or 'dense', got {val!r}")
             elif isinstance(val, int) and not isinstance(val, bool):
                 if val < 1:
-                    raise ValueError(f"{where}: a rank must be >= 1, got {val}")
+                    raise UsageError(f"{where}: a rank must be >= 1, got {val}")
             elif isinstance(val, float):
                 self._check_value("ratio" if self.policy == "budget" else self.policy, val, where)
             else:
-                raise ValueError(f"{where} must be a float, an int rank or 'dense', got {val!r}")
+                raise UsageError(f"{where} must be a float, an int rank or 'dense', got {val!r}")
         if self.svd_solver not in SOLVERS:
-            raise ValueError(f"CompressConfig.svd_solver must be one of {SOLVERS}, got {self.svd_solver!r}")
+            raise UsageError(f"CompressConfig.svd_solver must be one of {SOLVERS}, got {self.svd_solver!r}")
         if self.calib_precision not in CALIB_PRECISIONS:
-            raise ValueError(f"CompressConfig.calib_precision must be one of {CALIB_PRECISIONS}, "
+            raise UsageError(f"CompressConfig.calib_precision must be one of {CALIB_PRECISIONS}, "
                              f"got {self.calib_precision!r}")
         if self.whiten_method not in WHITEN_METHODS:
-            raise ValueError(f"CompressConfig.whiten_method must be one of {WHITEN_METHODS}, "
+            raise UsageError(f"CompressConfig.whiten_method must be one of {WHITEN_METHODS}, "
                              f"got {self.whiten_method!r}")
         for name in ("oversample", "n_iter", "seed"):
             val = getattr(self, name)
             if not isinstance(val, int) or isinstance(val, bool) or val < 0:
-                raise ValueError(f"CompressConfig.{name} must be an int >= 0, got {val!r}")
+                raise UsageError(f"CompressConfig.{name} must be an int >= 0, got {val!r}")
         for name in ("calib_blocks", "calib_seq_len"):
             val = getattr(self, name)
             if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
-                raise ValueError(f"CompressConfig.{name} must be None or an int >= 1, got {val!r}")
-        if not isinstance(self.calib_batch_size, int) or self.calib_batch_size < 1:
-            raise ValueError(f"CompressConfig.calib_batch_size must be an int >= 1, "
+                raise UsageError(f"CompressConfig.{name} must be None or an int >= 1, got {val!r}")
+        if not isinstance(self.calib_batch_size, int) or isinstance(self.calib_batch_size, bool) \
+                or self.calib_batch_size < 1:
+            raise UsageError(f"CompressConfig.calib_batch_size must be an int >= 1, "
                              f"got {self.calib_batch_size!r}")
-        if not _is_number(self.jitter) or not self.jitter > 0:
-            raise ValueError(f"CompressConfig.jitter must be > 0, got {self.jitter!r}")
+        if not _is_number(self.jitter) or not 0 < self.jitter < float("inf"):
+            raise UsageError(f"CompressConfig.jitter must be a finite number > 0, got {self.jitter!r}")
         if not isinstance(self.rank_multiple, int) or isinstance(self.rank_multiple, bool) or self.rank_multiple < 1:
-            raise ValueError(f"CompressConfig.rank_multiple must be an int >= 1, got {self.rank_multiple!r}")
+            raise UsageError(f"CompressConfig.rank_multiple must be an int >= 1, got {self.rank_multiple!r}")
         if not isinstance(self.force, bool):
-            raise ValueError(f"CompressConfig.force must be a bool, got {self.force!r}")
+            raise UsageError(f"CompressConfig.force must be a bool, got {self.force!r}")
         self.dtype = _dtype_name(self.dtype, "dtype")
         self.compute_dtype = _dtype_name(self.compute_dtype, "compute_dtype", allow_none=False)
         if self.compute_dtype not in ("float32", "float64"):
-            raise ValueError(f"CompressConfig.compute_dtype must be one of ('float32', 'float64'), "
+            raise UsageError(f"CompressConfig.compute_dtype must be one of ('float32', 'float64'), "
                              f"got {self.compute_dtype!r}")
 
     @staticmethod
     def _check_value(policy: str, v, where: str) -> None:
         if policy == "ratio" and not 0 < v < 1:
-            raise ValueError(f"{where} must be in (0, 1): the fraction of parameters removed "
+            raise UsageError(f"{where} must be in (0, 1): the fraction of parameters removed "
                              f"(0.2 keeps 80%), got {v!r}")
         if policy == "energy" and not 0 < v <= 1:
-            raise ValueError(f"{where} must be in (0, 1]: the share of Σσ² kept, got {v!r}")
+            raise UsageError(f"{where} must be in (0, 1]: the share of Σσ² kept, got {v!r}")
         if policy == "alpha" and not 0 < v <= 1:
-            raise ValueError(f"{where} must be in (0, 1]: the rank as a fraction of min(d_in, d_out), "
+            raise UsageError(f"{where} must be in (0, 1]: the rank as a fraction of min(d_in, d_out), "
                              f"got {v!r}")
         if policy == "budget":
             ok = (isinstance(v, float) and 0 < v < 1) or (
                 float(v).is_integer() and v >= 1)
             if not ok:
-                raise ValueError(f"{where} must be an int >= 1 (parameters kept) or a float in (0, 1) "
+                raise UsageError(f"{where} must be an int >= 1 (parameters kept) or a float in (0, 1) "
                                  f"(fraction of the target layers' parameters kept), got {v!r}")
 
     @property
