@@ -213,23 +213,25 @@ def split_user_documents(docs: Sequence[Document], label: str = "data") -> tuple
 
     Units (conversations are never cut): the first of documents, paragraphs, lines whose
     `assign_contiguous` gives every split a unit and train at least MIN_TRAIN_PERCENT% of the
-    characters; failing that, the finest level that gives every split a unit. Contiguous units of one document in one split are joined
+    characters; failing that, of the levels that give every split a unit, the one with the
+    largest train share (the coarser on ties). Contiguous units of one document in one split are joined
     back into one document (paragraphs with a blank line, lines with a newline)."""
     if not docs:
         raise UsageError(f"{label}: no document with text (after dropping empty ones)")
     chat = any(d.messages is not None for d in docs)
-    usable = None  # the finest level that gives every split a unit
+    usable = None  # (train share, level, units, which) of the best level giving every split a unit
     for level in ("documents",) if chat else ("documents", "paragraphs", "lines"):
         units = _units(docs, level)
         sizes = [len(t) for _, t in units]
         which = assign_contiguous(sizes)
         if set(which) == set(SPLITS):
-            usable = (level, units, which)
-            train = sum(n for n, w in zip(sizes, which) if w == "train")
-            if 100 * train >= MIN_TRAIN_PERCENT * sum(sizes):
+            share = sum(n for n, w in zip(sizes, which) if w == "train") / sum(sizes)
+            if usable is None or share > usable[0]:
+                usable = (share, level, units, which)
+            if 100 * share >= MIN_TRAIN_PERCENT:
                 break
     if usable is not None:
-        level, units, which = usable
+        _, level, units, which = usable
     else:
         what = f"{len(docs)} conversation(s)" if chat else f"{sum(len(d.text) for d in docs):,} characters in {len(units)} line(s)"
         raise UsageError(f"{label}: {what}, too little to split {'/'.join(map(str, USER_SPLIT_PERCENT.values()))} "
