@@ -194,9 +194,6 @@ def assign_contiguous(sizes: Sequence[int], percent: dict[str, int] = USER_SPLIT
     return out
 
 
-MIN_TRAIN_PERCENT = 80  # a unit level is used when it leaves train at least this share
-
-
 _UNIT_SEPARATORS = {"paragraphs": (re.compile(r"\n(?:[ \t]*\n)+"), "\n\n"), "lines": (re.compile(r"\n"), "\n")}
 
 
@@ -211,31 +208,24 @@ def _units(docs: Sequence[Document], level: str) -> list[tuple[int, str]]:
 def split_user_documents(docs: Sequence[Document], label: str = "data") -> tuple[dict[str, list[Document]], str]:
     """({split: documents}, level): the user-data rule (module docstring) over `docs` in order.
 
-    Units (conversations are never cut): the first of documents, paragraphs, lines whose
-    `assign_contiguous` gives every split a unit and train at least MIN_TRAIN_PERCENT% of the
-    characters; failing that, of the levels that give every split a unit, the one with the
-    largest train share (the coarser on ties). Contiguous units of one document in one split are joined
-    back into one document (paragraphs with a blank line, lines with a newline)."""
+    Level "documents": the named corpora's rule (`assign_splits`, 80/10/10) when it gives every
+    split a document (user data that split before this rule existed splits exactly as before).
+    Otherwise (conversations are never cut) "paragraphs", else "lines": `assign_contiguous`
+    (90/5/5 in order), the first level that gives every split a unit; contiguous units of one
+    document in one split are joined back (paragraphs with a blank line, lines with a newline)."""
     if not docs:
         raise UsageError(f"{label}: no document with text (after dropping empty ones)")
     chat = any(d.messages is not None for d in docs)
-    usable = None  # (train share, level, units, which) of the best level giving every split a unit
     for level in ("documents",) if chat else ("documents", "paragraphs", "lines"):
         units = _units(docs, level)
         sizes = [len(t) for _, t in units]
-        which = assign_contiguous(sizes)
+        which = assign_splits(sizes) if level == "documents" else assign_contiguous(sizes)
         if set(which) == set(SPLITS):
-            share = sum(n for n, w in zip(sizes, which) if w == "train") / sum(sizes)
-            if usable is None or share > usable[0]:
-                usable = (share, level, units, which)
-            if 100 * share >= MIN_TRAIN_PERCENT:
-                break
-    if usable is not None:
-        _, level, units, which = usable
+            break
     else:
         what = f"{len(docs)} conversation(s)" if chat else f"{sum(len(d.text) for d in docs):,} characters in {len(units)} line(s)"
-        raise UsageError(f"{label}: {what}, too little to split {'/'.join(map(str, USER_SPLIT_PERCENT.values()))} "
-                         "into train/valid/test; give more data, or the splits as files with --train/--valid/--test")
+        raise UsageError(f"{label}: {what}, too few to split into train/valid/test; give more data, "
+                         "or the splits as files with --train/--valid/--test")
     out: dict[str, list[Document]] = {s: [] for s in SPLITS}
     if level == "documents":
         for d, w in zip(docs, which):

@@ -117,7 +117,7 @@ def test_user_files(tmp_path):
     one = tmp_path / "one.txt"
     one.write_text("just one document")
     assert load_corpus(one, "all") == ["just one document"]
-    with pytest.raises(ValueError, match="too little to split 90/5/5"):  # no paragraph or line to give valid
+    with pytest.raises(ValueError, match="too few to split"):  # no paragraph or line to give valid
         load_corpus(one, "test")
     folder = tmp_path / "docs"
     folder.mkdir()

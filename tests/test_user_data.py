@@ -96,7 +96,7 @@ def test_one_txt_is_split_by_paragraphs_then_lines(tmp_path):
     lines.write_text("\n".join(paras))
     assert load_corpus(lines, "train") == ["\n".join(paras[:18])]
     assert load_corpus(lines, "test") == [paras[19]]
-    # documents are the units when that leaves train >= 80%; a few big documents fall back
+    # documents when the documents rule gives every split one (three equal ones: all train)
     docs = [data.Document(f"d{i}", "\n\n".join(paras[:2])) for i in range(3)]
     split, level = split_user_documents(docs)
     assert level == "paragraphs" and [d.text for d in split["test"]] == [paras[1]]
@@ -104,12 +104,7 @@ def test_one_txt_is_split_by_paragraphs_then_lines(tmp_path):
     assert [d.text for d in split["train"]] == ["\n\n".join(paras[:2])] * 2
     many = [data.Document(f"d{i}", "y" * 10) for i in range(20)]
     split, level = split_user_documents(many)
-    assert level == "documents" and [d.name for d in split["test"]] == ["d19"]
-
-
-def test_named_corpora_keep_their_split():
-    # the pinned rule of kjv/shakespeare is not the user rule (tests/test_data.py pins the lists)
-    assert data.assign_splits([10] * 10) != assign_contiguous([10] * 10)
+    assert level == "documents" and [d.name for d in split["test"]] == ["d6", "d16"]  # as before this rule
 
 
 def test_split_files_and_errors(tmp_path, capsys):
@@ -121,7 +116,7 @@ def test_split_files_and_errors(tmp_path, capsys):
         load_corpus(DataSpec(train=str(tmp_path / "tr.txt")), "valid")
     with pytest.raises(UsageError, match=r"--split 'dev' is invalid: allowed train, valid, test, all"):
         load_corpus("kjv", "dev")
-    with pytest.raises(UsageError, match="too little to split 90/5/5"):
+    with pytest.raises(UsageError, match="too few to split into train/valid/test"):
         load_corpus(tmp_path / "tr.txt", "test")
     with pytest.raises(UsageError, match="no such file"):
         load_corpus(tmp_path / "missing.csv", "test")
@@ -159,9 +154,10 @@ def test_csv_parquet_jsonl_through_datasets(tmp_path, monkeypatch, capsys):
     for path, field in ((csv, "body"), (parquet, None), (jsonl, None)):
         spec = DataSpec(source=str(path), text_field=field)
         assert load_corpus(spec, "all") == rows
-        # 20 equal rows: test = the last (5%), valid the one before, train the first 18
-        assert load_corpus(spec, "train") == rows[:18]
-        assert (load_corpus(spec, "valid"), load_corpus(spec, "test")) == ([rows[18]], [rows[19]])
+        # enough rows: the named corpora's rule by documents, which for equal sizes repeats every
+        # 10 (tests/test_data.py, by hand): valid 3, 13; test 6, 16
+        assert load_corpus(spec, "train") == [r for i, r in enumerate(rows) if i not in (3, 6, 13, 16)]
+        assert (load_corpus(spec, "valid"), load_corpus(spec, "test")) == ([rows[3], rows[13]], [rows[6], rows[16]])
     with pytest.raises(UsageError, match=r"--text-field 'text': r.csv has no such column; its columns: id, body"):
         load_corpus(csv, "test")
     with pytest.raises(UsageError, match=r"--text-field 'n': row 1 of r.parquet is a int"):
@@ -183,9 +179,9 @@ def test_eval_cli_on_a_csv_column_scores_the_test_rows(tiny_assets, tmp_path, ca
                  "--json", str(out), "--no-progress"]) == 0
     got = json.loads(out.read_text())["perplexity"]
     tok = AutoTokenizer.from_pretrained(model_dir)
-    ref_ids = torch.tensor([tok(rows[19])["input_ids"]])  # the test split: the last row alone (12 words)
+    ref_ids = torch.tensor([tok(rows[6] + "\n\n" + rows[16])["input_ids"]])  # the test rows: 24 words
     ref = perplexity(AutoModelForCausalLM.from_pretrained(model_dir).eval(), ref_ids, 8)
-    assert got["n_tokens"] == ref.n_tokens == 12 - 2 and got["ppl"] == pytest.approx(ref.ppl, rel=1e-5)
+    assert got["n_tokens"] == ref.n_tokens == 24 - 3 and got["ppl"] == pytest.approx(ref.ppl, rel=1e-5)
     err = usage_error(["eval", "--model", model_dir, "--data", str(csv), "--text-field", "review"], capsys)
     assert "--text-field 'review'" in err and "its columns: stars, body" in err
 
@@ -199,13 +195,13 @@ def test_empty_documents_are_dropped_and_counted(tiny_assets, tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="hylorada.data"):
         assert load_corpus(f, "all") == rows
     assert "dropped 3 empty or whitespace-only document(s) of 23" in caplog.text
-    assert load_corpus(f, "test") == [rows[19]]
+    assert load_corpus(f, "test") == [rows[6], rows[16]]  # the rule runs on the 20 kept rows
     # too few tokens for one window: refused with the count and the minimum
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(tiny_assets[0])
-    one = tmp_path / "one.jsonl"
-    one.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["w1"] * 19 + ["w4"]))  # test: "w4" alone
+    one = tmp_path / "one.txt"
+    one.write_text("w1\n" * 19 + "w4\n")  # split by lines: the test split is "w4" alone
     with pytest.raises(UsageError, match=r"\(test\): 1 token\(s\), too few for one window \(at least 2 needed\)"):
         data.eval_split(tok, str(one), "test")
 
@@ -279,10 +275,10 @@ def test_chat_jsonl_training_blocks_and_finetune_cli(chat_assets, tmp_path):
     convs = write_chats(tmp_path / "chats.jsonl")
     spec = DataSpec(source=str(tmp_path / "chats.jsonl"))
     blocks, info = data.training_blocks(tok, spec, "train", 64, tok.pad_token_id)
-    # conversation characters 14, 23, 15 (contents joined by newlines), 416 in all: test takes the
-    # last two (15 + 23 >= 5% = 20.8), valid the two before (14 + 15), train the first 20
-    train = [expected_chat(c) for c in convs[:20]]
-    assert info["chat"] and info["loss_on"] == "assistant" and info["documents"] == 20
+    # conversations by the documents rule (assign_splits, tested by hand in tests/test_data.py)
+    which = data.assign_splits([len("\n".join(c for _, c in conv)) for conv in convs])
+    train = [expected_chat(c) for c, w in zip(convs, which) if w == "train"]
+    assert info["chat"] and info["loss_on"] == "assistant" and info["documents"] == len(train) == 18
     got = [(b[m == 1].tolist(), l[m == 1].tolist())
            for b, l, m in zip(blocks["input_ids"], blocks["labels"], blocks["attention_mask"])]
     assert sum((g[0] for g in got), []) == sum((t[0] for t in train), [])
