@@ -19,9 +19,22 @@ corpus and each split gets about 80/10/10 of the characters (a proxy for tokens)
 texts are pinned by sha256 the assignment never changes; `split_documents()` lists it and
 tests/test_data.py pins the test and valid lists. docs/DATA.md has the table.
 
-User files: a `.txt` file is one document; a folder is one document per `*.txt` file (sorted
-by name); a `.jsonl` file is one document per line (its "text" field). `split="all"` returns
-every document; "train"/"valid"/"test" apply the same rule over the file's documents in order.
+User data (`DataSpec`: --data, --text-field, --data-config, --train/--valid/--test, --loss-on):
+a `.txt` file is one document; a folder is one document per `*.txt` (sorted by name), else the
+rows of its data files; `.json/.jsonl/.csv/.parquet` files are read by the `datasets` library's
+local loaders (offline), one document per row from the column `text_field` (default "messages"
+when present, else "text"); another name is loaded as a Hugging Face dataset (its own
+train/validation/test when it has all three). Empty and whitespace-only documents are dropped
+with a logged count. A column of [{role, content}] lists is chat: rendered with the tokenizer's
+chat template (`render_chat`); with loss on "assistant" only the assistant turns are targets
+(`assistant_spans`, `chat_tokens`), the other tokens get label -100 (`pack_conversations`).
+
+User-data split rule (fixed, in order, never random; `split_user_documents`): by documents with
+the named corpora's rule when that gives every split a document (so such data split as before);
+otherwise by paragraphs (blank-line separated), else by lines, with `assign_contiguous`: the
+final units holding 5% of the characters are test, the 5% before them valid, the rest (90%)
+train. A split given as a file (--train/--valid/--test) is used whole. `split="all"` is every
+document.
 
 Tokenization: `eval_ids` joins documents with "\\n\\n" and tokenizes once (the tokenizer's
 default special tokens, as in the usual WikiText protocol); `token_stream` tokenizes documents
