@@ -344,3 +344,42 @@ def test_readme_use_your_own_data_commands_run(chat_assets, tmp_path, one_thread
         assert main(argv + ["--model", model_dir, "--no-progress", *small[argv[0]]]) == 0, argv
     chat_log = json.loads((tmp_path / re.search(r"--out (\S+)", " ".join(cmds[2]))[1] / "finetune.json").read_text())
     assert chat_log["data"]["chat"] and chat_log["data"]["loss_on"] == "assistant"
+
+
+# ----------------------------------------------------------------------------- the real default model
+@pytest.mark.slow
+def test_smollm2_chat_template_targets_are_the_assistant_turns():
+    """On SmolLM2's own template (which adds a default system turn): the target tokens decode to
+    exactly each assistant content followed by its end of turn, one run per assistant turn."""
+    from transformers import AutoTokenizer
+
+    from hylorada import loading
+
+    tok = AutoTokenizer.from_pretrained(loading.converted_folder("smollm2-135m"))
+    answers = ["Fine, thanks. And you?", "Great to hear!"]
+    msgs = [{"role": "user", "content": "Hello there, how are you?"}, {"role": "assistant", "content": answers[0]},
+            {"role": "user", "content": "Good."}, {"role": "assistant", "content": answers[1]}]
+    ids, labels = data.chat_tokens(tok, msgs)
+    assert ids == tok(data.render_chat(tok, msgs), add_special_tokens=False)["input_ids"]
+    runs, cur = [], []
+    for t, lab in zip(ids, labels):
+        if lab != -100:
+            assert lab == t
+            cur.append(t)
+        elif cur:
+            runs, cur = runs + [tok.decode(cur)], []
+    runs += [tok.decode(cur)] if cur else []
+    assert runs == [a + "<|im_end|>\n" for a in answers]
+
+
+@pytest.mark.slow
+def test_smollm2_eval_on_one_txt(tmp_path, capsys):
+    notes = tmp_path / "notes.txt"
+    notes.write_text("\n\n".join(f"Paragraph {i}. The quick brown fox jumps over the lazy dog, again and again."
+                                 for i in range(40)))
+    out = tmp_path / "e.json"
+    assert main(["eval", "--data", str(notes), "--seq-len", "64", "--json", str(out), "--no-progress"]) == 0
+    res = json.loads(out.read_text())
+    # the test split: one document, the final paragraphs holding 5% of the characters (the last two)
+    assert res["data"]["documents"] == 1 and res["perplexity"]["n_tokens"] > 10
+    assert 1 < res["perplexity"]["ppl"] < 100
