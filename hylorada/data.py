@@ -19,9 +19,22 @@ corpus and each split gets about 80/10/10 of the characters (a proxy for tokens)
 texts are pinned by sha256 the assignment never changes; `split_documents()` lists it and
 tests/test_data.py pins the test and valid lists. docs/DATA.md has the table.
 
-User files: a `.txt` file is one document; a folder is one document per `*.txt` file (sorted
-by name); a `.jsonl` file is one document per line (its "text" field). `split="all"` returns
-every document; "train"/"valid"/"test" apply the same rule over the file's documents in order.
+User data (`DataSpec`: --data, --text-field, --data-config, --train/--valid/--test, --loss-on):
+a `.txt` file is one document; a folder is one document per `*.txt` (sorted by name), else the
+rows of its data files; `.json/.jsonl/.csv/.parquet` files are read by the `datasets` library's
+local loaders (offline), one document per row from the column `text_field` (default "messages"
+when present, else "text"); another name is loaded as a Hugging Face dataset (its own
+train/validation/test when it has all three). Empty and whitespace-only documents are dropped
+with a logged count. A column of [{role, content}] lists is chat: rendered with the tokenizer's
+chat template (`render_chat`); with loss on "assistant" only the assistant turns are targets
+(`assistant_spans`, `chat_tokens`), the other tokens get label -100 (`pack_conversations`).
+
+User-data split rule (fixed, in order, never random; `split_user_documents`): by documents with
+the named corpora's rule when that gives every split a document (so such data split as before);
+otherwise by paragraphs (blank-line separated), else by lines, with `assign_contiguous`: the
+final units holding 5% of the characters are test, the 5% before them valid, the rest (90%)
+train. A split given as a file (--train/--valid/--test) is used whole. `split="all"` is every
+document.
 
 Tokenization: `eval_ids` joins documents with "\\n\\n" and tokenizes once (the tokenizer's
 default special tokens, as in the usual WikiText protocol); `token_stream` tokenizes documents
@@ -48,12 +61,14 @@ import os
 import re
 import tempfile
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
 import torch
 
 from . import assets
+from .errors import UsageError
 
 log = logging.getLogger(__name__)
 
@@ -64,8 +79,45 @@ EVAL_JOIN = "\n\n"
 
 
 class Document(NamedTuple):
+    """A document: its name and text; a conversation also has `messages` ({role, content}
+    dicts) and `text` = its contents joined by newlines (for sizes and the empty check)."""
     name: str
     text: str
+    messages: tuple | None = None
+
+
+USER_SPLIT_PERCENT: dict[str, int] = {"train": 90, "valid": 5, "test": 5}
+DATA_SUFFIXES = {".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+LOSS_ON = ("assistant", "all")
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True)
+class DataSpec:
+    """Where a command's text comes from (the data flags, hylorada/commands/data_args.py).
+
+    source: a corpus name, a file or folder, or a Hugging Face dataset name (--data);
+    train/valid/test: files that give that split whole, no rule applied (--train/--valid/--test);
+    text_field: the column of a dataset (None: "messages" when present, else "text");
+    config: a hub dataset's configuration; loss_on: "assistant" | "all" | None (assistant for
+    conversations, all for text)."""
+    source: str | None = None
+    train: str | None = None
+    valid: str | None = None
+    test: str | None = None
+    text_field: str | None = None
+    config: str | None = None
+    loss_on: str | None = None
+
+    def __str__(self) -> str:
+        parts = [self.source] if self.source else []
+        parts += [f"--{s} {getattr(self, s)}" for s in SPLITS if getattr(self, s)]
+        return " ".join(parts) or "(no data)"
+
+
+def as_spec(data) -> DataSpec:
+    """A DataSpec from a DataSpec, a corpus name or a path."""
+    return data if isinstance(data, DataSpec) else DataSpec(source=None if data is None else str(data))
 
 
 # ----------------------------------------------------------------------------- corpora
@@ -111,37 +163,15 @@ def _shakespeare_documents() -> list[Document]:
 _LOADERS = {"kjv": _kjv_documents, "shakespeare": _shakespeare_documents}
 
 
-def _user_documents(path: Path) -> list[Document]:
-    if path.is_dir():
-        files = sorted(path.glob("*.txt"))
-        if not files:
-            raise FileNotFoundError(f"no *.txt files in {path}")
-        return [Document(p.name, p.read_text(encoding="utf-8")) for p in files]
-    if path.suffix == ".txt":
-        return [Document(path.name, path.read_text(encoding="utf-8"))]
-    if path.suffix == ".jsonl":
-        docs = []
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                rec = json.loads(line)
-                if not isinstance(rec, dict) or not isinstance(rec.get("text"), str):
-                    raise ValueError(f"{path}:{i}: each line must be a JSON object with a \"text\" string")
-                docs.append(Document(str(rec.get("id", f"{path.name}:{i}")), rec["text"]))
-        return docs
-    raise ValueError(f"unsupported data file {path} (use a .txt or .jsonl file or a folder of .txt files)")
-
-
-def corpus_documents(name_or_path: str | os.PathLike) -> list[Document]:
-    """All documents of a named corpus (canonical order) or of a user file/folder."""
-    name = str(name_or_path)
-    if name in _LOADERS:
-        return _LOADERS[name]()
-    path = Path(name).expanduser()
-    if not path.exists():
-        raise FileNotFoundError(f"{name!r} is neither a corpus name {CORPORA} nor an existing path")
-    return _user_documents(path)
+def corpus_documents(name_or_path) -> list[Document]:
+    """All documents of a named corpus (canonical order) or of a user source (a file, folder or
+    dataset name; a DataSpec's `source`), empty and whitespace-only documents dropped."""
+    spec = as_spec(name_or_path)
+    if spec.source in _LOADERS:
+        return _LOADERS[spec.source]()
+    if spec.source is None:
+        raise UsageError("no data given: give --data (a corpus, file, folder or dataset) or --train/--valid/--test")
+    return _user_data(spec).all
 
 
 # ----------------------------------------------------------------------------- splits
@@ -159,29 +189,488 @@ def assign_splits(sizes: Sequence[int], fractions: dict[str, float] = SPLIT_FRAC
     return out
 
 
-def split_documents(name_or_path: str | os.PathLike) -> dict[str, list[str]]:
-    """Document names per split."""
-    docs = corpus_documents(name_or_path)
-    which = assign_splits([len(d.text) for d in docs])
-    return {s: [d.name for d, w in zip(docs, which) if w == s] for s in SPLITS}
+def assign_contiguous(sizes: Sequence[int], percent: dict[str, int] = USER_SPLIT_PERCENT) -> list[str]:
+    """The user-data rule: the split of each unit, in order, by characters (never random).
 
-
-def load_corpus(name_or_path: str | os.PathLike, split: str = "test") -> list[str]:
-    """The documents (a book / a play / a file or line) of one split, in canonical order.
-
-    `split` is "train", "valid", "test" or "all".
-    """
-    if split not in (*SPLITS, "all"):
-        raise ValueError(f"split must be one of {SPLITS + ('all',)}, got {split!r}")
-    docs = corpus_documents(name_or_path)
-    if split == "all":
-        return [d.text for d in docs]
-    which = assign_splits([len(d.text) for d in docs])
-    out = [d.text for d, w in zip(docs, which) if w == split]
-    if not out:
-        raise ValueError(f"{name_or_path!s} has {len(docs)} document(s), too few for a {split!r} split "
-                         "by documents; use split='all' or give a file per split")
+    Walking back from the last unit, test takes the shortest run of final units holding at
+    least percent["test"]% of all characters (at least one unit), valid the shortest run before
+    it holding at least percent["valid"]%, and train everything before (empty when too few units)."""
+    total = sum(sizes)
+    out = ["train"] * len(sizes)
+    i = len(sizes)
+    for split in ("test", "valid"):
+        got = 0
+        while i > 0 and (got == 0 or 100 * got < percent[split] * total):
+            i -= 1
+            got += sizes[i]
+            out[i] = split
     return out
+
+
+_UNIT_SEPARATORS = {"paragraphs": (re.compile(r"\n(?:[ \t]*\n)+"), "\n\n"), "lines": (re.compile(r"\n"), "\n")}
+
+
+def _units(docs: Sequence[Document], level: str) -> list[tuple[int, str]]:
+    """(document index, text) of each unit: whole documents, paragraphs or non-blank lines."""
+    if level == "documents":
+        return [(i, d.text) for i, d in enumerate(docs)]
+    pattern, _ = _UNIT_SEPARATORS[level]
+    return [(i, piece.strip("\n")) for i, d in enumerate(docs) for piece in pattern.split(d.text) if piece.strip()]
+
+
+def split_user_documents(docs: Sequence[Document], label: str = "data") -> tuple[dict[str, list[Document]], str]:
+    """({split: documents}, level): the user-data rule (module docstring) over `docs` in order.
+
+    Level "documents": the named corpora's rule (`assign_splits`, 80/10/10) when it gives every
+    split a document (user data that split before this rule existed splits exactly as before).
+    Otherwise (conversations are never cut) "paragraphs", else "lines": `assign_contiguous`
+    (90/5/5 in order), the first level that gives every split a unit; contiguous units of one
+    document in one split are joined back (paragraphs with a blank line, lines with a newline)."""
+    if not docs:
+        raise UsageError(f"{label}: no document with text (after dropping empty ones)")
+    chat = any(d.messages is not None for d in docs)
+    for level in ("documents",) if chat else ("documents", "paragraphs", "lines"):
+        units = _units(docs, level)
+        sizes = [len(t) for _, t in units]
+        which = assign_splits(sizes) if level == "documents" else assign_contiguous(sizes)
+        if set(which) == set(SPLITS):
+            break
+    else:
+        what = f"{len(docs)} conversation(s)" if chat else f"{sum(len(d.text) for d in docs):,} characters in {len(units)} line(s)"
+        raise UsageError(f"{label}: {what}, too few to split into train/valid/test; give more data, "
+                         "or the splits as files with --train/--valid/--test")
+    out: dict[str, list[Document]] = {s: [] for s in SPLITS}
+    if level == "documents":
+        for d, w in zip(docs, which):
+            out[w].append(d)
+        return out, level
+    sep = _UNIT_SEPARATORS[level][1]
+    groups: list[tuple[int, str, list[str]]] = []
+    for (i, text), w in zip(units, which):
+        if groups and groups[-1][:2] == (i, w):
+            groups[-1][2].append(text)
+        else:
+            groups.append((i, w, [text]))
+    for i, w, pieces in groups:
+        out[w].append(Document(f"{docs[i].name} ({w} part)", sep.join(pieces)))
+    return out, level
+
+
+def split_documents(name_or_path) -> dict[str, list[str]]:
+    """Document names per split."""
+    return {s: [d.name for d in load_documents(name_or_path, s)] for s in SPLITS}
+
+
+def load_documents(data, split: str = "test") -> list[Document]:
+    """The documents of one split ("train", "valid", "test" or "all"), in order.
+
+    Named corpora: the pinned rule (`assign_splits`). User data: a split given as a file
+    (DataSpec.train/valid/test) is that file whole; otherwise the user-data rule over the source,
+    or a hub dataset's own train/validation/test splits when it has all three. "all": every
+    document of the source (or, without one, of the split files in the order train, valid, test)."""
+    spec = as_spec(data)
+    if split not in (*SPLITS, "all"):
+        raise UsageError(f"--split {split!r} is invalid: allowed {', '.join((*SPLITS, 'all'))}")
+    files = {s: getattr(spec, s) for s in SPLITS if getattr(spec, s)}
+    if split in files:
+        return _user_data(DataSpec(source=files[split], text_field=spec.text_field, config=spec.config)).all
+    if spec.source is None:
+        if split == "all" and files:
+            return [d for s in files for d in load_documents(spec, s)]
+        given = ", ".join(f"--{s}" for s in files) or "none"
+        raise UsageError(f"no {split} data: give --{split} FILE, or --data to split by the fixed rule "
+                         f"(split files given: {given})")
+    if spec.source in _LOADERS:
+        docs = _LOADERS[spec.source]()
+        if split == "all":
+            return docs
+        return [d for d, w in zip(docs, assign_splits([len(d.text) for d in docs])) if w == split]
+    user = _user_data(spec)
+    return user.all if split == "all" else user.splits[split]
+
+
+def load_corpus(data, split: str = "test", tokenizer=None) -> list[str]:
+    """The texts of one split (`load_documents`). Conversations are rendered with the
+    tokenizer's chat template (`render_chat`), so chat data needs `tokenizer`."""
+    docs = load_documents(data, split)
+    if any(d.messages is not None for d in docs) and tokenizer is None:
+        raise UsageError(f"{as_spec(data)}: the rows are conversations (a messages column); this step cannot "
+                         "render them without a tokenizer: give a text column with --text-field")
+    return [d.text if d.messages is None else render_chat(tokenizer, d.messages) for d in docs]
+
+
+# ----------------------------------------------------------------------------- user sources
+class _UserData(NamedTuple):
+    all: list[Document]
+    own_splits: dict[str, list[Document]] | None  # a hub dataset's own train/valid/test
+    label: str
+    memo: dict  # "splits": the user-data rule's result, computed when first asked
+
+    @property
+    def splits(self) -> dict[str, list[Document]]:
+        if self.own_splits is not None:
+            return self.own_splits
+        if "splits" not in self.memo:
+            splits, level = split_user_documents(self.all, self.label)
+            log.info("%s: %d document(s) split by %s, %s/%s/%s by characters in order: %s", self.label,
+                     len(self.all), level, *USER_SPLIT_PERCENT.values(),
+                     ", ".join(f"{s} {sum(len(d.text) for d in v):,}" for s, v in splits.items()))
+            self.memo["splits"] = splits
+        return self.memo["splits"]
+
+
+_USER_CACHE: dict[tuple, _UserData] = {}
+
+
+def _source_key(spec: DataSpec) -> tuple:
+    """Memo key of a source: the spec plus the size and mtime of the file / folder entries."""
+    path = Path(spec.source).expanduser()
+    stamp: tuple = ()
+    if path.is_file():
+        st = path.stat()
+        stamp = (st.st_size, st.st_mtime_ns)
+    elif path.is_dir():
+        stamp = tuple((p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in sorted(path.iterdir()) if p.is_file())
+    return (spec.source, spec.text_field, spec.config, stamp)
+
+
+def _user_data(spec: DataSpec) -> _UserData:
+    """A user source read once per process (memoised by `_source_key`), empty documents
+    dropped with a warning; its splits (`.splits`) by the user-data rule unless it has its own."""
+    key = _source_key(spec)
+    if key not in _USER_CACHE:
+        raw, own = _read_source(spec)
+        label = f"--data {spec.source}"
+        if own is not None:
+            own = {s: drop_empty(d, f"{label} ({s})") for s, d in own.items()}
+            docs = [d for s in SPLITS for d in own[s]]
+        else:
+            docs = drop_empty(raw, label)
+        if len(_USER_CACHE) > 16:
+            _USER_CACHE.clear()
+        _USER_CACHE[key] = _UserData(docs, own, label, {})
+    return _USER_CACHE[key]
+
+
+def drop_empty(docs: Sequence[Document], label: str = "data") -> list[Document]:
+    """`docs` without the empty or whitespace-only ones; their count is logged (warning)."""
+    kept = [d for d in docs if d.text.strip()]
+    if len(kept) < len(docs):
+        log.warning("%s: dropped %d empty or whitespace-only document(s) of %d", label, len(docs) - len(kept),
+                    len(docs))
+    return kept
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8").replace("\r\n", "\n").replace("\r", "\n")
+    except UnicodeDecodeError as e:
+        raise UsageError(f"--data {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
+
+
+def _read_source(spec: DataSpec) -> tuple[list[Document], dict[str, list[Document]] | None]:
+    """(documents, the dataset's own splits or None) of a file, folder or hub dataset."""
+    source = spec.source
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return _folder_documents(path, spec.text_field), None
+    if path.is_file():
+        if path.suffix.lower() == ".txt":
+            return [Document(path.name, _read_text(path))], None
+        builder = DATA_SUFFIXES.get(path.suffix.lower())
+        if builder is None:
+            raise UsageError(f"--data {source}: unsupported file type {path.suffix!r}; allowed: .txt, "
+                             f"{', '.join(DATA_SUFFIXES)} or a folder of them")
+        return rows_to_documents(_local_dataset(builder, [path]), spec.text_field, path.name), None
+    if not _HUB_ID.fullmatch(source) or Path(source).suffix.lower() in (".txt", *DATA_SUFFIXES):
+        raise UsageError(f"--data {source!r}: no such file or folder, and not a corpus name ({', '.join(CORPORA)})")
+    return _hub_documents(source, spec.config, spec.text_field)
+
+
+def _folder_documents(path: Path, text_field: str | None) -> list[Document]:
+    """One document per *.txt (sorted by name); else the rows of its data files of one type."""
+    texts = sorted(path.glob("*.txt"))
+    if texts:
+        return [Document(p.name, _read_text(p)) for p in texts]
+    if (path / "dataset_info.json").is_file() and (path / "state.json").is_file():  # Dataset.save_to_disk
+        from datasets import load_from_disk
+
+        return rows_to_documents(load_from_disk(str(path)), text_field, path.name)
+    files = sorted(p for p in path.iterdir() if p.suffix.lower() in DATA_SUFFIXES)
+    kinds = {DATA_SUFFIXES[p.suffix.lower()] for p in files}
+    if len(kinds) != 1:
+        found = "no" if not kinds else "mixed (" + ", ".join(sorted({p.suffix for p in files})) + ")"
+        raise UsageError(f"--data {path}: a folder needs *.txt files or data files of one type "
+                         f"({', '.join(DATA_SUFFIXES)}); found {found} data files")
+    return rows_to_documents(_local_dataset(kinds.pop(), files), text_field, path.name)
+
+
+def _quiet_datasets():
+    import contextlib
+
+    import datasets
+
+    @contextlib.contextmanager
+    def quiet():
+        was = datasets.is_progress_bar_enabled()
+        datasets.disable_progress_bars()
+        try:
+            yield datasets
+        finally:
+            if was:
+                datasets.enable_progress_bars()
+    return quiet()
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0] if text else ''}"
+
+
+def _local_dataset(builder: str, files: Sequence[Path]):
+    """The rows of local files through the `datasets` packaged loader `builder` (offline; the
+    Arrow cache lives under <hylorada cache>/datasets)."""
+    with _quiet_datasets() as datasets:
+        try:
+            return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
+                                         cache_dir=str(assets.cache_dir() / "datasets"))
+        except Exception as e:
+            where = next(filter(None, map(_bad_json_line, files)), None) if builder == "json" else None
+            raise UsageError(f"--data {where or files[0]}: the datasets '{builder}' loader cannot read it "
+                             f"({_first_line(e)})") from None
+
+
+def _bad_json_line(path: Path) -> str | None:
+    """'file:N' of the first line of a JSON-lines file that is not valid JSON (None if all are)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            for n, line in enumerate(f, 1):
+                if line.strip():
+                    json.loads(line)
+    except json.JSONDecodeError:
+        return f"{path}:{n}"
+    except (OSError, UnicodeDecodeError):
+        return None
+    return None
+
+
+_HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*(/[\w.-]+)?")
+HUB_SPLITS = {"train": ("train",), "valid": ("validation", "valid", "dev"), "test": ("test",)}
+
+
+def _hub_documents(name: str, config: str | None, text_field: str | None):
+    """A Hugging Face dataset: (documents of all its splits, its own splits or None). Its own
+    splits are used when it has train, validation (or valid/dev) and test; otherwise the
+    user-data rule applies to its "train" split (or its only split)."""
+    offline = any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE")
+                  for v in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"))
+    with _quiet_datasets() as datasets:
+        try:
+            dd = datasets.load_dataset(name, config)
+        except Exception as e:
+            raise UsageError(f"--data {name!r}: not a corpus name ({', '.join(CORPORA)}), file or folder, and "
+                             f"not loadable as a Hugging Face dataset{' (offline: HF_HUB_OFFLINE is set)' if offline else ''}"
+                             f" ({_first_line(e)})") from None
+    found = {s: next((k for k in keys if k in dd), None) for s, keys in HUB_SPLITS.items()}
+    if all(found.values()):
+        own = {s: rows_to_documents(dd[k], text_field, f"{name}[{k}]") for s, k in found.items()}
+        return [d for s in SPLITS for d in own[s]], own
+    key = "train" if "train" in dd else next(iter(dd))
+    return rows_to_documents(dd[key], text_field, f"{name}[{key}]"), None
+
+
+def rows_to_documents(rows, text_field: str | None, label: str) -> list[Document]:
+    """Documents of a `datasets.Dataset`: one per row, from column `text_field` (None:
+    "messages" when there is one, else "text"). A column of lists of {role, content} is chat."""
+    cols = list(rows.column_names)
+    field = text_field or ("messages" if "messages" in cols else "text")
+    if field not in cols:
+        raise UsageError(f"--text-field {field!r}: {label} has no such column; its columns: {', '.join(cols)}")
+    docs = []
+    for i, value in enumerate(rows[field], 1):
+        name = f"{label}:{i}"
+        if value is None or isinstance(value, str):
+            docs.append(Document(name, value or ""))
+        elif isinstance(value, (list, tuple)):
+            msgs = _messages(value, name, field)
+            docs.append(Document(name, "\n".join(m["content"] for m in msgs), msgs))
+        else:
+            raise UsageError(f"--text-field {field!r}: row {i} of {label} is a {type(value).__name__}; allowed: "
+                             "text, or a list of {role, content} messages")
+    return docs
+
+
+def _messages(value, name: str, field: str) -> tuple[dict, ...]:
+    out = []
+    for j, m in enumerate(value):
+        if not (isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)):
+            raise UsageError(f"--text-field {field!r}: {name}, message {j}: {str(m)[:60]!r} is not a "
+                             "{role: str, content: str} message")
+        out.append({"role": m["role"], "content": m["content"]})
+    return tuple(out)
+
+
+# ----------------------------------------------------------------------------- chat
+def render_chat(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = False) -> str:
+    """The conversation as text, through the tokenizer's chat template."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise UsageError("the data are conversations (a messages column) but the tokenizer has no chat template; "
+                         "use a model whose tokenizer has one, or a text column with --text-field")
+    return tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=add_generation_prompt)
+
+
+def assistant_spans(tokenizer, messages: Sequence[dict]) -> tuple[str, list[tuple[int, int]]]:
+    """(rendered conversation, [(start, end) character spans of the assistant turns]).
+
+    For assistant message j the span runs from the end of render(messages[:j]) with the
+    generation prompt (so the "assistant" header is not a target) to the end of
+    render(messages[:j+1]) (its content and end-of-turn tokens are). Each prefix rendering must
+    be a prefix of the whole; a template that rewrites earlier turns is refused."""
+    full = render_chat(tokenizer, messages)
+    spans = []
+    for j, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        head = render_chat(tokenizer, messages[:j], add_generation_prompt=True) if j else ""
+        upto = render_chat(tokenizer, messages[: j + 1])
+        if not (full.startswith(upto) and upto.startswith(head)):
+            raise UsageError("--loss-on assistant: this tokenizer's chat template does not render a conversation's "
+                             "prefixes as prefixes of the whole, so the assistant turns cannot be located; "
+                             "use --loss-on all")
+        spans.append((len(head), len(upto)))
+    return full, spans
+
+
+def chat_tokens(tokenizer, messages: Sequence[dict], loss_on: str = "assistant") -> tuple[list[int], list[int]]:
+    """(ids, labels) of one conversation: the rendered text tokenized once, without special
+    tokens the tokenizer would add (the template writes its own). loss_on "all": labels = ids;
+    "assistant": a token is a target iff its first character lies in an assistant span
+    (`assistant_spans`, via the tokenizer's offset mapping), else label -100."""
+    if loss_on == "all":
+        ids = _encode(tokenizer, render_chat(tokenizer, messages), False)
+        return list(ids), list(ids)
+    full, spans = assistant_spans(tokenizer, messages)
+    try:
+        enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    except (NotImplementedError, TypeError, ValueError):
+        raise UsageError("--loss-on assistant needs a fast tokenizer (character offsets); use --loss-on all") from None
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    labels = [t if any(a <= start < b for a, b in spans) else IGNORE_INDEX for t, (start, _) in zip(ids, offsets)]
+    return ids, labels
+
+
+def resolve_loss_on(loss_on: str | None, chat: bool) -> str:
+    """"assistant" or "all": None means assistant for chat data and all for text."""
+    if loss_on is None:
+        return "assistant" if chat else "all"
+    if loss_on not in LOSS_ON:
+        raise UsageError(f"--loss-on {loss_on!r} is invalid: allowed {', '.join(LOSS_ON)}")
+    if loss_on == "assistant" and not chat:
+        raise UsageError("--loss-on assistant needs chat data (a messages column of {role, content}); this data is "
+                         "plain text: use --loss-on all")
+    return loss_on
+
+
+def pack_conversations(seqs: Sequence[tuple[list[int], list[int]]], seq_len: int, pad_id: int | None = 0, *,
+                       bos_id: int | None = None) -> dict[str, torch.Tensor]:
+    """Training blocks of (ids, labels) conversations, each kept whole where it fits.
+
+    With span = seq_len (seq_len - 1 under a BOS prefix), a block holds consecutive whole
+    conversations while their total fits in span; a conversation longer than span fills blocks of
+    its own, its remainder starting the next block. Blocks are right-padded (pad_id, attention
+    mask 0, label -100); with bos_id each block starts with BOS (mask 1, label -100)."""
+    span = seq_len - (bos_id is not None)
+    if span < 1:
+        raise ValueError(f"seq_len must be >= {1 + (bos_id is not None)}, got {seq_len}")
+    rows: list[tuple[list[int], list[int]]] = []
+    cur_ids: list[int] = []
+    cur_lab: list[int] = []
+    for ids, labels in seqs:
+        if cur_ids and len(cur_ids) + len(ids) > span:
+            rows.append((cur_ids, cur_lab))
+            cur_ids, cur_lab = [], []
+        while len(cur_ids) + len(ids) > span:
+            rows.append((ids[:span], labels[:span]))
+            ids, labels = ids[span:], labels[span:]
+        cur_ids, cur_lab = cur_ids + list(ids), cur_lab + list(labels)
+    if cur_ids:
+        rows.append((cur_ids, cur_lab))
+    pad = 0 if pad_id is None else int(pad_id)
+    n = len(rows)
+    out = {"input_ids": torch.full((n, seq_len), pad, dtype=torch.long),
+           "attention_mask": torch.zeros((n, seq_len), dtype=torch.long),
+           "labels": torch.full((n, seq_len), IGNORE_INDEX, dtype=torch.long)}
+    first = int(bos_id is not None)
+    for r, (ids, labels) in enumerate(rows):
+        if bos_id is not None:
+            out["input_ids"][r, 0], out["attention_mask"][r, 0] = int(bos_id), 1
+        out["input_ids"][r, first:first + len(ids)] = torch.tensor(ids, dtype=torch.long)
+        out["attention_mask"][r, first:first + len(ids)] = 1
+        out["labels"][r, first:first + len(ids)] = torch.tensor(labels, dtype=torch.long)
+    return out
+
+
+# ----------------------------------------------------------------------------- blocks and windows
+MIN_TOKENS = 2  # one window: a token scored from at least one token of context
+
+
+def require_tokens(n: int, what: str, minimum: int = MIN_TOKENS) -> None:
+    """Refuse data too short for even one window (UsageError with the count and the minimum)."""
+    if n < minimum:
+        raise UsageError(f"{what}: {n} token(s), too few for one window (at least {minimum} needed)")
+
+
+def training_blocks(tokenizer, data, split: str, seq_len: int, pad_id: int | None, *, bos_id: int | None = None,
+                    max_tokens: int | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """(blocks, info): the one way a split becomes training blocks.
+
+    Text: `token_stream` (documents joined by EOS), the first `max_tokens`, `pack_blocks`.
+    Chat: `chat_tokens` per conversation (loss on assistant turns or all, DataSpec.loss_on),
+    the first `max_tokens` tokens, `pack_conversations`. info: documents, tokens (before the
+    cut), chat, loss_on, targets (labels != -100, padding and BOS excluded)."""
+    spec = as_spec(data)
+    docs = load_documents(spec, split)
+    chat = any(d.messages is not None for d in docs)
+    loss_on = resolve_loss_on(spec.loss_on, chat)
+    what = f"{spec} ({split})"
+    if not chat:
+        ids = token_stream(tokenizer, [d.text for d in docs])
+        n_tokens = int(ids.numel())
+        ids = ids[:max_tokens] if max_tokens else ids
+        require_tokens(int(ids.numel()), what)
+        blocks = pack_blocks(ids, seq_len, pad_id, bos_id=bos_id)
+    else:
+        seqs = [chat_tokens(tokenizer, d.messages, loss_on) for d in docs]
+        n_tokens = sum(len(i) for i, _ in seqs)
+        if max_tokens:
+            seqs = _first_tokens(seqs, max_tokens)
+        require_tokens(sum(len(i) for i, _ in seqs), what)
+        blocks = pack_conversations(seqs, seq_len, pad_id, bos_id=bos_id)
+    targets = int((blocks["labels"] != IGNORE_INDEX).sum())
+    if targets == 0:
+        raise UsageError(f"{what}: no target tokens (loss on {loss_on}); give data with assistant turns or "
+                         "--loss-on all")
+    return blocks, {"documents": len(docs), "tokens": n_tokens, "chat": chat, "loss_on": loss_on,
+                    "targets": targets}
+
+
+def _first_tokens(seqs, n: int):
+    out = []
+    for ids, labels in seqs:
+        if n <= 0:
+            break
+        out.append((ids[:n], labels[:n]))
+        n -= len(ids)
+    return out
+
+
+def eval_split(tokenizer, data, split: str) -> tuple[list[str], torch.Tensor]:
+    """(texts, `eval_ids`) of one split for perplexity; conversations rendered with the chat
+    template and scored on every token. Refused when shorter than one window."""
+    texts = load_corpus(data, split, tokenizer=tokenizer)
+    ids = eval_ids(tokenizer, texts)
+    require_tokens(int(ids.shape[1]), f"{as_spec(data)} ({split})")
+    return texts, ids
 
 
 def split_summary(names: Sequence[str] = CORPORA, tokenizer=None) -> dict:
@@ -335,7 +824,7 @@ def eval_ids(tokenizer, docs: Sequence[str], *, cache: bool = True) -> torch.Ten
 
 
 def pack_blocks(ids: torch.Tensor, seq_len: int, pad_id: int | None = 0, *,
-                bos_id: int | None = None) -> dict[str, torch.Tensor]:
+                bos_id: int | None = None, labels: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
     """Cut a token stream into consecutive blocks of `seq_len` for training.
 
     Returns input_ids, attention_mask and labels, each LongTensor [n_blocks, seq_len]. Labels
@@ -345,14 +834,19 @@ def pack_blocks(ids: torch.Tensor, seq_len: int, pad_id: int | None = 0, *,
       n_blocks = ceil(N / (L-1)); the BOS has attention_mask 1 and label -100 (context, never a
       target), so every stream token is a target exactly once (the first of a block is
       predicted from the BOS). A leading `bos_id` in `ids` is dropped first (`drop_leading`).
-    The last partial block is right-padded with `pad_id` (0 if None).
+    The last partial block is right-padded with `pad_id` (0 if None). `labels` (a stream as
+    long as `ids`, -100 where a token is not a target) replaces the ids as labels.
     """
     if seq_len < (1 if bos_id is None else 2):
         raise ValueError(f"seq_len must be >= {1 if bos_id is None else 2}" +
                          ("" if bos_id is None else " with a BOS prefix") + f", got {seq_len}")
     ids = torch.as_tensor(ids, dtype=torch.long).reshape(-1)
+    targets = ids if labels is None else torch.as_tensor(labels, dtype=torch.long).reshape(-1)
+    if targets.shape != ids.shape:
+        raise ValueError(f"labels must match ids: {tuple(targets.shape)} vs {tuple(ids.shape)}")
     if bos_id is not None:
-        body = pack_blocks(drop_leading(ids, bos_id), seq_len - 1, pad_id)
+        cut = ids.numel() - drop_leading(ids, bos_id).numel()
+        body = pack_blocks(ids[cut:], seq_len - 1, pad_id, labels=targets[cut:])
         n_blocks = body["input_ids"].shape[0]
         first = {"input_ids": int(bos_id), "attention_mask": 1, "labels": -100}
         return {k: torch.cat([torch.full((n_blocks, 1), first[k], dtype=torch.long), v], dim=1)
@@ -364,8 +858,8 @@ def pack_blocks(ids: torch.Tensor, seq_len: int, pad_id: int | None = 0, *,
     input_ids[:n] = ids
     mask = torch.zeros(n_blocks * seq_len, dtype=torch.long)
     mask[:n] = 1
-    labels = torch.full((n_blocks * seq_len,), -100, dtype=torch.long)
-    labels[:n] = ids
+    out_labels = torch.full((n_blocks * seq_len,), IGNORE_INDEX, dtype=torch.long)
+    out_labels[:n] = targets
     shape = (n_blocks, seq_len)
     return {"input_ids": input_ids.reshape(shape), "attention_mask": mask.reshape(shape),
-            "labels": labels.reshape(shape)}
+            "labels": out_labels.reshape(shape)}

@@ -200,20 +200,21 @@ def test_bad_model_file(world, name, code, named, capsys):
     assert snapshot(world["root"]) == before
 
 
-DATA_FILES = [  # (data, expected text in the message)
-    ("empty.txt", "only whitespace"), ("ws.txt", "only whitespace"), ("binary.txt", "not UTF-8"),
-    ("bad.jsonl", "bad.jsonl:2"), ("nontext.jsonl", "nontext.jsonl:1"), ("data.csv", "data.csv"),
-    ("txtdir", "b.txt"), ("emptydir", "emptydir"), ("missing.txt", "missing.txt"),
+DATA_FILES = [  # (data, the flag named, expected text in the message)
+    ("empty.txt", "--data", "only whitespace"), ("ws.txt", "--data", "only whitespace"),
+    ("binary.txt", "--data", "not UTF-8"), ("bad.jsonl", "--data", "bad.jsonl:2"),
+    ("nontext.jsonl", "--text-field", "nontext.jsonl has no such column"), ("data.csv", "--data", "data.csv"),
+    ("txtdir", "--data", "b.txt"), ("emptydir", "--data", "emptydir"), ("missing.txt", "--data", "missing.txt"),
 ]
 
 
-@pytest.mark.parametrize("name,named", DATA_FILES, ids=[d[0] for d in DATA_FILES])
-def test_bad_data_file(world, name, named, capsys):
+@pytest.mark.parametrize("name,flag,named", DATA_FILES, ids=[d[0] for d in DATA_FILES])
+def test_bad_data_file(world, name, flag, named, capsys):
     before = snapshot(world["root"])
     argv = _eval(world)
     argv[argv.index("--data") + 1] = str(world["root"] / name)
     c, err = run_main(argv, capsys)
-    assert_one_line_error(c, err, 2, "--data", named)
+    assert_one_line_error(c, err, 2, flag, named)
     assert snapshot(world["root"]) == before
 
 

@@ -355,30 +355,36 @@ def _bad_json_line(path: Path) -> int | None:
     return None
 
 
-def load_docs(name: str, split: str, flag: str = "--data") -> list[str]:
-    """`hylorada.data.load_corpus(name, split)` with file problems reported as UsageError naming
-    `flag` and the file; refuses a split with no text (only whitespace)."""
+def load_docs(name, split: str, flag: str = "--data") -> list:
+    """`hylorada.data.load_documents(name, split)` (a corpus name, a path or a DataSpec) with file
+    problems reported as UsageError naming `flag` and the file; refuses a split with no text."""
     from .. import data
 
-    path = Path(str(name)).expanduser()
+    name_str = str(getattr(name, "source", None) or name)
+    path = Path(name_str).expanduser()
     try:
-        docs = data.load_corpus(name, split)
+        docs = data.load_documents(name, split)
+    except UsageError as e:  # already one line (hylorada.data names --data): name the real flag
+        msg = str(e)
+        if flag != "--data" and msg.startswith("--data "):
+            raise UsageError(flag + msg[len("--data"):]) from None
+        raise
     except UnicodeDecodeError as e:
         bad = _undecodable_file(path)
-        raise UsageError(f"{flag} {name}: {bad} is not UTF-8 text (byte {e.start}: {e.reason}); "
+        raise UsageError(f"{flag} {name_str}: {bad} is not UTF-8 text (byte {e.start}: {e.reason}); "
                          "give a UTF-8 .txt or .jsonl file") from None
     except json.JSONDecodeError as e:
         line = _bad_json_line(path) if path.is_file() else None
-        raise UsageError(f"{flag} {name}: {path}{f':{line}' if line else ''} is not valid JSON lines ({e}); "
+        raise UsageError(f"{flag} {name_str}: {path}{f':{line}' if line else ''} is not valid JSON lines ({e}); "
                          'each line must be {"text": "..."}') from None
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        raise UsageError(f"{flag} {name}: {one_line(e)}; give kjv, shakespeare, a .txt/.jsonl file or a "
+        raise UsageError(f"{flag} {name_str}: {one_line(e)}; give kjv, shakespeare, a .txt/.jsonl file or a "
                          "folder of .txt files") from None
     except ValueError as e:  # unsupported suffix, too few documents for a split (hylorada.data)
-        raise UsageError(f"{flag} {name}: {one_line(e)}") from None
-    if not any(d.strip() for d in docs):
-        raise UsageError(f"{flag} {name}: the {split} split has no text (only whitespace, "
-                         f"{sum(len(d) for d in docs)} characters); give a file with text")
+        raise UsageError(f"{flag} {name_str}: {one_line(e)}") from None
+    if not any(d.messages is not None or d.text.strip() for d in docs):
+        raise UsageError(f"{flag} {name_str}: the {split} split has no text (only whitespace, "
+                         f"{sum(len(d.text) for d in docs)} characters); give a file with text")
     return docs
 
 

@@ -14,6 +14,8 @@ import argparse
 import shlex
 import sys
 
+from .data_args import SOURCES
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     from ..benchmark import PRESETS
@@ -23,8 +25,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--preset", default="cpu-quick", choices=sorted(PRESETS),
                    help="run size (default: %(default)s, ~15 min on a 2-core CPU; full: one H100)")
     p.add_argument("--model", default=None, help="model alias, folder or .gguf (default: smollm2-135m)")
-    p.add_argument("--data", default=None, help="kjv, shakespeare or a .txt/.jsonl file or folder "
-                                                "(default: shakespeare)")
+    p.add_argument("--data", default=None, help=f"{SOURCES}; text column 'text' (default: shakespeare)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1) per adaptation row")
     p.add_argument("--steps", type=int, default=None, help="training steps per fine-tuning (adaptation and recovery)")
     p.add_argument("--rank", type=int, default=None, dest="target_rank",

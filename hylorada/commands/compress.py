@@ -34,6 +34,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError
+from .data_args import add_data_args, spec_from_args
 
 
 def _budget(text: str) -> float:
@@ -101,11 +102,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="factorise even layers whose rank saves nothing")
     g.add_argument("--rank-multiple", type=int, default=1,
                    help="round ranks down to a multiple of this (8 keeps GPU GEMMs aligned)")
-    g.add_argument("--calib", default="kjv", help="calibration corpora, comma-separated (default: %(default)s)")
+    g.add_argument("--calib", default="kjv", help="calibration corpora, comma-separated: kjv, shakespeare, files, "
+                                                  "folders or dataset names (default: %(default)s)")
     g.add_argument("--calib-blocks", type=int, default=64, help="calibration blocks (default: %(default)s)")
     g.add_argument("--calib-seq-len", type=int, default=512, help="tokens per block (default: %(default)s)")
     g.add_argument("--calib-batch-size", type=int, default=4, help="blocks per forward (default: %(default)s)")
     g.add_argument("--seed", type=int, default=0)
+    g = p.add_argument_group("data (for the user's files and datasets named by --calib, --eval, --recover-data)")
+    add_data_args(g, data=False)
     g = p.add_argument_group("evaluation")
     g.add_argument("--eval", default="kjv,shakespeare", help="test corpora for perplexity (default: %(default)s)")
     g.add_argument("--no-eval", action="store_true", help="skip perplexity")
@@ -145,30 +149,38 @@ def evaluate_corpora(model, tokenizer, corpora, seq_len: int, max_tokens: int | 
 
     bos_id = data.window_bos_id(tokenizer, window_prefix)
     out = {}
-    for name in [c.strip() for c in corpora.split(",")] if isinstance(corpora, str) else corpora:
-        ids = data.eval_ids(tokenizer, data.load_corpus(name, "test"))
+    for name in _sources(corpora):
+        ids = data.eval_split(tokenizer, name, "test")[1]
         if max_tokens:
             ids = ids[:, :max_tokens]
         res = evaluate.perplexity(model, ids, seq_len, batch_size=batch_size, progress=progress,
                                   bos_id=bos_id).to_dict()
         res.pop("window_tokens", None)
         res.pop("window_nll", None)
-        out[name] = res
+        out[str(name)] = res
     return out
 
 
 def recovery_blocks(tokenizer, corpora, seq_len: int, window_prefix: str = "auto") -> dict:
-    """Training blocks (pack_blocks) of the train split of each corpus, concatenated."""
+    """Training blocks (hylorada.data.training_blocks) of the train split of each corpus, concatenated."""
     import torch
 
     from .. import data
 
-    names = [c.strip() for c in corpora.split(",")] if isinstance(corpora, str) else list(corpora)
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bos_id = data.window_bos_id(tokenizer, window_prefix)
-    parts = [data.pack_blocks(data.token_stream(tokenizer, data.load_corpus(n, "train")), seq_len, pad,
-                              bos_id=bos_id) for n in names if n]
+    parts = [data.training_blocks(tokenizer, n, "train", seq_len, pad, bos_id=bos_id)[0] for n in _sources(corpora)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def _sources(corpora) -> list:
+    """Corpora as a list: "kjv,my.txt" -> ["kjv", "my.txt"]; a list (of names or DataSpecs) as is."""
+    return [c.strip() for c in corpora.split(",") if c.strip()] if isinstance(corpora, str) else list(corpora)
+
+
+def data_specs(args: argparse.Namespace, corpora: str) -> list:
+    """DataSpecs of comma-separated corpora, with --text-field / --data-config."""
+    return [spec_from_args(args, source=n) for n in _sources(corpora)]
 
 
 def env_info() -> dict:
@@ -218,12 +230,11 @@ def run(args: argparse.Namespace) -> int:
         for line in clean_stale(args.out):  # first: restores an output a killed run was replacing
             print(f"  note: {line}", file=sys.stderr)
         check_output_dir(args.out, overwrite=args.overwrite, kind="compressed")
-    corpora = {"--eval": ([] if args.no_eval else args.eval.split(",")),
-               "--calib": (args.calib.split(",") if args.method == "whiten" else []),
-               "--recover-data": (args.recover_data.split(",") if args.recover_steps > 0 else [])}
-    for flag, names in corpora.items():
-        for name in filter(None, (n.strip() for n in names)):
-            load_docs(name, "test" if flag == "--eval" else "train", flag)
+    for names, split, used, flag in ((args.calib, "train", args.method == "whiten", "--calib"),
+                                     (args.eval, "test", not args.no_eval, "--eval"),
+                                     (args.recover_data, "train", args.recover_steps > 0, "--recover-data")):
+        for spec in data_specs(args, names) if used else ():  # bad data stops here, before the model loads
+            load_docs(spec, split, flag)
     progress = not args.no_progress
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
@@ -242,7 +253,7 @@ def run(args: argparse.Namespace) -> int:
         if args.no_eval:
             return
         t = time.perf_counter()
-        ppl[stage] = evaluate_corpora(model, tokenizer, args.eval, args.eval_seq_len, max_eval,
+        ppl[stage] = evaluate_corpora(model, tokenizer, data_specs(args, args.eval), args.eval_seq_len, max_eval,
                                       args.eval_batch_size, progress, window_prefix)
         timings[f"eval_{stage}_s"] = time.perf_counter() - t
         print(f"  perplexity {stage:>10}: " + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in ppl[stage].items()))
@@ -251,8 +262,8 @@ def run(args: argparse.Namespace) -> int:
     if args.method == "whiten":  # before any perplexity: too little calibration text is refused first
         t = time.perf_counter()
         try:
-            calibration = calibration_blocks(tokenizer, args.calib, args.calib_blocks, args.calib_seq_len,
-                                             seed=args.seed, window_prefix=window_prefix)
+            calibration = calibration_blocks(tokenizer, data_specs(args, args.calib), args.calib_blocks,
+                                             args.calib_seq_len, seed=args.seed, window_prefix=window_prefix)
         except ValueError as e:  # "<corpus> (train) has N blocks of L tokens, M asked"
             raise UsageError(f"--calib {args.calib}: {e}; lower --calib-blocks or --calib-seq-len") from None
         timings["calib_data_s"] = time.perf_counter() - t
@@ -266,7 +277,7 @@ def run(args: argparse.Namespace) -> int:
     measure("compressed")
     recovery = None
     if args.recover_steps > 0:
-        blocks = recovery_blocks(tokenizer, args.recover_data, args.recover_seq_len, window_prefix)
+        blocks = recovery_blocks(tokenizer, data_specs(args, args.recover_data), args.recover_seq_len, window_prefix)
         t = time.perf_counter()
         recovery = recover_compressed(
             model, blocks, method=args.recover_method, steps=args.recover_steps,

@@ -1,7 +1,7 @@
 """`hylorada eval`: perplexity (and optionally LiM perplexity) of a model on a corpus split.
 
     hylorada eval --model smollm2-135m --data kjv --split test --seq-len 512 \\
-        [--stride S] [--max-tokens N] [--batch-size B] [--lim] [--json out.json] \\
+        [--text-field COLUMN] [--stride S] [--max-tokens N] [--batch-size B] [--lim] [--json out.json] \\
         [--window-prefix auto|bos|none]
 
 --window-prefix: auto (default) starts every window with the tokenizer's BOS when the tokenizer
@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from ..errors import UsageError
+from .data_args import add_data_args, spec_from_args
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -25,8 +26,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", default="smollm2-135m",
                    help="alias (smollm2-135m), transformers folder, .gguf file or hub id (default: %(default)s)")
-    p.add_argument("--data", default="kjv", help="kjv, shakespeare, or a .txt/.jsonl file or folder of .txt")
-    p.add_argument("--split", default="test", choices=["train", "valid", "test", "all"])
+    add_data_args(p, default="kjv")
+    p.add_argument("--split", default="test", choices=["train", "valid", "test", "all"],
+                   help="which part of --data; a user's data is split 90/5/5 in order (docs/DATA.md) "
+                        "(default: %(default)s)")
     p.add_argument("--seq-len", type=int, default=512, help="window length in tokens (default: %(default)s)")
     p.add_argument("--stride", type=int, default=None,
                    help="sliding-window stride (default: non-overlapping windows)")
@@ -64,6 +67,8 @@ def run(args: argparse.Namespace) -> int:
     check_out_file(args.json_out, "--json", "eval")
     timings: dict[str, float] = {}
 
+    spec = spec_from_args(args, default="kjv")
+    load_docs(spec, args.split)  # bad data stops here, before the model loads (memoised)
     t0 = time.perf_counter()
     model, tokenizer = load_model_checked(args.model, dtype=args.dtype, device=args.device)
     check_positions(model, {"--seq-len": args.seq_len})
@@ -75,8 +80,7 @@ def run(args: argparse.Namespace) -> int:
                          f"[1, --seq-len - 1 = {args.seq_len - 1}] (or use --window-prefix none)")
 
     t0 = time.perf_counter()
-    docs = load_docs(args.data, args.split)
-    ids = data.eval_ids(tokenizer, docs)
+    docs, ids = data.eval_split(tokenizer, spec, args.split)
     total_tokens = ids.shape[1]
     if args.max_tokens is not None:
         ids = ids[:, : args.max_tokens]
@@ -106,7 +110,7 @@ def run(args: argparse.Namespace) -> int:
 
     rows = [
         ("model", str(args.model)),
-        ("data", f"{args.data} / {args.split} ({len(docs)} documents, {total_tokens:,} tokens)"),
+        ("data", f"{spec} / {args.split} ({len(docs)} documents, {total_tokens:,} tokens)"),
         ("evaluated tokens", f"{ids.shape[1]:,}" + (f" (--max-tokens {args.max_tokens})" if args.max_tokens else "")),
         ("windows", f"{ppl['n_windows']} x {args.seq_len}" + (f", stride {args.stride}" if args.stride else
                                                             " (non-overlapping)")),
@@ -130,7 +134,7 @@ def run(args: argparse.Namespace) -> int:
         out = {
             "command": "eval",
             "args": {k: v for k, v in vars(args).items() if k != "func"},
-            "data": {"name": str(args.data), "split": args.split, "documents": len(docs),
+            "data": {"name": str(spec), "split": args.split, "documents": len(docs),
                      "tokens_total": int(total_tokens), "tokens_evaluated": int(ids.shape[1])},
             "window_prefix": window_prefix,
             "perplexity": ppl,

@@ -5,7 +5,12 @@
         --dropout 0.05 --target-modules q_proj v_proj --lora-plus-ratio 16] --out DIR \\
         [--resume] [--merge] [--eval-every N --save-every N --seed S --max-eval-tokens N]
 
-Training blocks: the train split's documents joined by EOS, cut into --seq-len blocks.
+Data: --data (a corpus, a .txt/.json/.jsonl/.csv/.parquet file, a folder, a hub dataset; a
+user's data is split 90/5/5 in order, docs/DATA.md) or --train/--valid/--test FILE; --text-field
+COLUMN. Chat rows (a "messages" column) are rendered with the tokenizer's chat template, with
+the loss on the assistant turns only (--loss-on assistant, the default for chat) or on all.
+Training blocks: the train split's documents joined by EOS, cut into --seq-len blocks
+(conversations are kept whole where they fit, hylorada.data.pack_conversations).
 In-training validation: the valid split packed the same way (first --max-eval-tokens tokens).
 Perplexity (before/after): valid and test splits, "\\n\\n"-joined, --eval-seq-len windows,
 first --max-eval-tokens tokens. --window-prefix auto|bos|none (default auto: when the
@@ -27,6 +32,8 @@ import platform
 import time
 from pathlib import Path
 
+from .data_args import add_data_args, spec_from_args
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("finetune", help="train an adapter (LoRA/DoRA/HyLoRADA/LoRaDA) on a corpus",
@@ -34,7 +41,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g = p.add_argument_group("model and data")
     g.add_argument("--model", default="smollm2-135m",
                    help="alias (smollm2-135m), transformers folder, .gguf file or hub id (default: %(default)s)")
-    g.add_argument("--data", default="shakespeare", help="kjv, shakespeare, or a .txt/.jsonl file or folder")
+    add_data_args(g, default="shakespeare", splits=True, loss_on=True)
     g.add_argument("--seq-len", type=int, default=256, help="training block length (default: %(default)s)")
     g.add_argument("--max-train-tokens", type=int, default=None, help="use only the first N training tokens")
     g.add_argument("--dtype", default="float32", help="base weights dtype (default: %(default)s)")
@@ -186,6 +193,10 @@ def run(args: argparse.Namespace) -> int:
             log_every=args.log_every, progress=not args.no_progress)
     mode = check_run_dir(args.out, resume=args.resume, overwrite=args.overwrite)  # before any work
 
+    spec = spec_from_args(args, default="shakespeare")
+    for split in data.SPLITS:  # bad data stops here, before anything is written or loaded (memoised)
+        load_docs(spec, split)
+    data.resolve_loss_on(spec.loss_on, any(d.messages is not None for d in data.load_documents(spec, "train")))
     # a long timeout: the other processes wait at a barrier while the main one computes perplexity
     accelerator = Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no",
                               kwargs_handlers=[InitProcessGroupKwargs(timeout=_dt.timedelta(hours=12))])
@@ -219,25 +230,21 @@ def run(args: argparse.Namespace) -> int:
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     window_prefix = data.resolve_window_prefix(tokenizer, args.window_prefix)
     bos_id = tokenizer.bos_token_id if window_prefix == "bos" else None
-    train_ids = data.token_stream(tokenizer, load_docs(args.data, "train"))
-    n_train_tokens = int(train_ids.numel())
-    if args.max_train_tokens:
-        train_ids = train_ids[: args.max_train_tokens]
-    check_tokens(int(train_ids.numel()), 2, "--data", f"{args.data} (train split)")
-    train_blocks = data.pack_blocks(train_ids, args.seq_len, pad_id, bos_id=bos_id)
-    valid_docs, test_docs = load_docs(args.data, "valid"), load_docs(args.data, "test")
-    valid_stream = data.token_stream(tokenizer, valid_docs)
-    valid_blocks = data.pack_blocks(valid_stream[:max_eval] if max_eval else valid_stream, args.seq_len, pad_id,
-                                   bos_id=bos_id)
-    eval_sets = {"valid": data.eval_ids(tokenizer, valid_docs), "test": data.eval_ids(tokenizer, test_docs)}
+    train_blocks, train_info = data.training_blocks(tokenizer, spec, "train", args.seq_len, pad_id, bos_id=bos_id,
+                                                    max_tokens=args.max_train_tokens)
+    n_train_tokens = train_info["tokens"]
+    valid_blocks, _ = data.training_blocks(tokenizer, spec, "valid", args.seq_len, pad_id, bos_id=bos_id,
+                                           max_tokens=max_eval)
+    eval_sets = {s: data.eval_split(tokenizer, spec, s)[1] for s in ("valid", "test")}
     if max_eval:
         eval_sets = {k: v[:, :max_eval] for k, v in eval_sets.items()}
     for split, ids in eval_sets.items():
         check_tokens(int(ids.numel()), 2, "--data", f"{args.data} ({split} split)")
     timings["data_s"] = time.perf_counter() - t0
     n_blocks = int(train_blocks["input_ids"].shape[0])
-    say(f"data: {args.data}: {n_train_tokens:,} train tokens -> {n_blocks} blocks of {args.seq_len}"
-        f"{f' (first {args.max_train_tokens:,} tokens)' if args.max_train_tokens else ''}; "
+    say(f"data: {spec}: {n_train_tokens:,} train tokens -> {n_blocks} blocks of {args.seq_len}"
+        f"{f' (first {args.max_train_tokens:,} tokens)' if args.max_train_tokens else ''}"
+        f"{'; chat, loss on ' + train_info['loss_on'] if train_info['chat'] else ''}; "
         f"{int(valid_blocks['input_ids'].shape[0])} valid blocks; ppl on "
         + ", ".join(f"{k} {v.shape[1]:,}" for k, v in eval_sets.items()) + " tokens")
     global_batch = args.batch_size * args.grad_accum
@@ -281,7 +288,9 @@ def run(args: argparse.Namespace) -> int:
         "args": {k: v for k, v in vars(args).items() if k != "func"},
         "adapter_config": adapter_config.to_dict(),
         "train_config": train_config.to_dict(),
-        "data": {"name": str(args.data), "train_tokens": n_train_tokens, "train_blocks": n_blocks,
+        "data": {"name": str(spec), "train_tokens": n_train_tokens, "train_blocks": n_blocks,
+                 "chat": train_info["chat"], "loss_on": train_info["loss_on"],
+                 "train_targets": train_info["targets"],
                  "seq_len": args.seq_len, "valid_blocks": int(valid_blocks["input_ids"].shape[0]),
                  "eval_tokens": {k: int(v.shape[1]) for k, v in eval_sets.items()}},
         "params": {"trainable": n_trainable, "total": n_total},

@@ -352,7 +352,7 @@ def calibration_blocks(tokenizer, corpora, n_blocks: int, seq_len: int, split: s
     for name, n in zip(names, per):
         if n == 0:
             continue
-        ids = data.token_stream(tokenizer, data.load_corpus(name, split))
+        ids = data.token_stream(tokenizer, data.load_corpus(name, split, tokenizer=tokenizer))
         avail = ids.numel() // span
         if avail < n:
             raise ValueError(f"{name} ({split}) has {avail} blocks of {seq_len} tokens, {n} asked")
