@@ -20,12 +20,14 @@ largest layer, max(m + n), unspent).
   Everett 1963).
 - "sensitivity" (ASVD-style): Δ_i(k) = calibration loss with W_i alone truncated to rank k
   minus the dense loss, measured for a few candidate ranks per matrix
-  (`candidate_ranks`); minimise Σ_i Δ_i(k_i) under the same budget by `choose_options`
-  (greedy over each matrix's lower convex hull of (cost, Δ): again the optimum for the
-  parameter count it spends).
+  (`candidate_ranks`); minimise Σ_i Δ̂_i(k_i) under the same budget, Δ̂_i the lower convex
+  envelope of the measured points (linear between them, ranks between the smallest and the
+  largest candidate), by `choose_options`: again the optimum for the parameter count it
+  spends, within one rank step (m_i + n_i) of the budget.
 """
 from __future__ import annotations
 
+import itertools
 from fractions import Fraction
 
 import torch
@@ -75,7 +77,8 @@ def candidate_ranks(spec: LayerSpec, ratio: float) -> list[int]:
 
 def _hull(costs: list[int], losses: list[float]) -> list[int]:
     """Indices of the lower convex hull of (cost, loss) from the cheapest option on, keeping only
-    options that lower the loss; consecutive gains (loss drop per cost) strictly decrease."""
+    options that do not raise the loss; consecutive gains (loss drop per cost, >= 0) do not
+    increase (a zero gain only spends parameters that nothing else wants)."""
     order = sorted(range(len(costs)), key=lambda j: (costs[j], losses[j]))
     hull: list[int] = [order[0]]
 
@@ -83,54 +86,65 @@ def _hull(costs: list[int], losses: list[float]) -> list[int]:
         return (losses[a] - losses[b]) / (costs[b] - costs[a])
 
     for j in order[1:]:
-        if costs[j] == costs[hull[-1]] or losses[j] >= losses[hull[-1]]:
+        if costs[j] == costs[hull[-1]] or losses[j] > losses[hull[-1]]:
             continue
-        while len(hull) >= 2 and gain(hull[-2], hull[-1]) <= gain(hull[-1], j):
+        while len(hull) >= 2 and gain(hull[-2], hull[-1]) < gain(hull[-1], j):
             hull.pop()
         hull.append(j)
     return hull
 
 
-def choose_options(costs: list[list[int]], losses: list[list[float]], budget: float) -> list[int]:
-    """One option per item minimising Σ losses subject to Σ costs ≤ budget (multiple-choice
-    knapsack), by the Lagrangian greedy: every item starts at its cheapest option; the steps
-    along each item's lower convex hull are taken in decreasing loss drop per cost while the
-    running cost fits (a prefix of that order). The result is optimal among all choices that
-    cost no more than it does, and spends all but less than one step of `budget`.
+def choose_options(costs: list[list[int]], losses: list[list[float]], budget: float,
+                   granules: list[int] | None = None) -> list[int]:
+    """The cost to spend on each item minimising Σ loss subject to Σ cost ≤ budget, by the
+    Lagrangian greedy: every item starts at its cheapest option; the steps along each item's
+    lower convex hull of (cost, loss) are taken in decreasing loss drop per cost while the
+    running cost fits (a prefix of that order). With `granules`, a hull step of item i is cut
+    into pieces of granules[i] (when it divides the step), the loss linear along the step
+    (the convex envelope between measured options); without, the result is one option per
+    item. Either way it is optimal among all choices that cost no more than it does
+    (Everett 1963), and leaves unspent less than the piece that did not fit.
     Raises ValueError when even the cheapest options exceed the budget."""
     hulls = [_hull(c, l) for c, l in zip(costs, losses)]
-    pick = [h[0] for h in hulls]
-    left = budget - sum(c[p] for c, p in zip(costs, pick))
+    spend = [c[h[0]] for c, h in zip(costs, hulls)]
+    left = budget - sum(spend)
     if left < 0:
         raise ValueError(f"budget {budget:,} is below the cheapest choice ({budget - left:,})")
     steps = []
     for i, (h, c, l) in enumerate(zip(hulls, costs, losses)):
         for a, b in zip(h, h[1:]):
-            steps.append(((l[a] - l[b]) / (c[b] - c[a]), c[b] - c[a], i, b))
+            dc = c[b] - c[a]
+            q = granules[i] if granules and dc % granules[i] == 0 else dc
+            steps += [((l[a] - l[b]) / dc, q, i)] * (dc // q)
     steps.sort(key=lambda s: -s[0])  # stable: each item's steps keep their order
-    for _, dc, i, b in steps:
-        if dc > left:
+    for _, q, i in steps:
+        if q > left:
             break
-        pick[i], left = b, left - dc
-    return pick
+        spend[i], left = spend[i] + q, left - q
+    return spend
 
 
 def allocate_by_sensitivity(specs: list[LayerSpec], ratio: float,
                             table: dict[str, list[tuple[int, float]]], overrides: dict,
                             force: bool) -> dict[str, RankDecision]:
-    """Ranks from the measured table name -> [(rank, Δloss)] under the uniform budget; layers
-    with an override keep the override's decision (and its cost)."""
+    """Ranks from the measured table name -> [(rank, Δloss)] under the uniform budget: Δ between
+    measured ranks is the lower convex envelope (linear), ranks move in steps of 1 (cost m + n).
+    A larger rank keeps every triplet of a smaller one, so a measured Δ that rises with the rank
+    is noise: Δ is replaced by its running minimum over the smaller ranks (then budget that no
+    matrix can use to lower the loss still goes to the ranks, keeping the uniform size).
+    Layers with an override keep the override's decision (and its cost)."""
     budget = uniform_budget(specs, ratio, overrides, force)
     fixed = decide_ranks([s for s in specs if s.name not in table], "ratio", ratio, overrides,
                          None, force)
     free = [s for s in specs if s.name in table]
     spent = kept_params([s for s in specs if s.name in fixed], fixed)
     costs = [[factorized_params(k, s.m, s.n, s.bias) for k, _ in table[s.name]] for s in free]
-    losses = [[d for _, d in table[s.name]] for s in free]
-    pick = choose_options(costs, losses, budget - spent)
+    losses = [list(itertools.accumulate((d for _, d in sorted(table[s.name])), min)) for s in free]
+    costs = [sorted(c) for c in costs]
+    spend = choose_options(costs, losses, budget - spent, [s.m + s.n for s in free])
     out = dict(fixed)
-    for s, j in zip(free, pick):
-        k = table[s.name][j][0]
+    for s, c in zip(free, spend):
+        k = (c - (s.m if s.bias else 0)) // (s.m + s.n)
         out[s.name] = RankDecision(k, f"allocate=sensitivity (ratio={ratio} budget {budget:,})", k)
     return {s.name: out[s.name] for s in specs}
 
