@@ -88,7 +88,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     g = p.add_argument_group("ablation (issue 15)")
     g.add_argument("--ablation", action="store_true", help="run the ablation table instead")
     g.add_argument("--quick", action="store_true",
-                   help="tiny settings (2 decoder layers, 4 x 64 calibration tokens, 2 recovery steps)")
+                   help="tiny settings (layer 0's attention only, ratio 0.4, 2 x 32 calibration tokens, "
+                        "128 test tokens per text, 2 recovery steps of 2 x 32)")
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="recovery seeds (default: 0 1 2; quick: 0)")
     g.add_argument("--rows", default=",".join(ABLATION_ROWS), help="rows to run (default: all)")
     g.add_argument("--all-allocate", default="loss", choices=["loss", "sensitivity"],
@@ -99,11 +100,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--resume", action="store_true", help="keep the rows already in the output JSON")
     args = p.parse_args(argv)
     if args.quick:
-        args.calib_blocks, args.calib_seq_len, args.calib_batch_size = 4, 64, 4
-        args.max_eval_tokens, args.eval_seq_len, args.eval_batch_size = 1024, 256, 4
-        args.recover_steps, args.recover_batch_size, args.recover_seq_len = 2, 2, 64
-        args.sensitivity_blocks = 2
-        args.targets = args.targets or "model.layers.0,model.layers.1"
+        args.calib_blocks, args.calib_seq_len, args.calib_batch_size = 2, 32, 2
+        args.max_eval_tokens, args.eval_seq_len, args.eval_batch_size = 128, 128, 1
+        args.recover_steps, args.recover_batch_size, args.recover_seq_len = 2, 2, 32
+        args.sensitivity_blocks = 1
+        args.targets = args.targets or "model.layers.0.self_attn"
+        if args.ratios == "0.2,0.4":
+            args.ratios = "0.4"
     if args.seeds is None:
         args.seeds = [0] if args.quick else [0, 1, 2]
     return args

@@ -236,8 +236,9 @@ def test_lstsq_up_matches_torch_lstsq_on_explicit_activations():
     torch.testing.assert_close(up, ref, rtol=1e-9, atol=1e-10)
 
 
-def test_whitened_plus_lstsq_equals_whitened_under_dense_calibration():
-    calib = _calib()
+@pytest.mark.parametrize("n_blocks,seq_len", [(6, 24), (2, 6)])  # (2, 6): 12 tokens, jitter
+def test_whitened_plus_lstsq_equals_whitened_under_dense_calibration(n_blocks, seq_len):
+    calib = _calib(n_blocks, seq_len)
     a, b = tiny_llama(), tiny_llama()
     compress_model(a, CompressConfig(ratio=0.4), calibration=calib)
     rep = compress_model(b, CompressConfig(ratio=0.4, update="lstsq"), calibration=calib)
@@ -246,6 +247,7 @@ def test_whitened_plus_lstsq_equals_whitened_under_dense_calibration():
             Wa, Wb = ma.dense_weight().double(), mb.dense_weight().double()
             assert (Wa - Wb).abs().max() <= 1e-6 * Wa.abs().max(), na
     assert all(abs(r.update_gain) < 1e-6 for r in rep.layers)
+    assert ("jitter" in rep.layers[0].whitening) == (n_blocks == 2)
 
 
 def test_svd_plus_lstsq_is_the_least_squares_up_on_the_calibration_inputs():

@@ -320,12 +320,19 @@ def _final_rank(run: _Run, spec: LayerSpec, dec: RankDecision, wh: Whitening | N
     return k, policy, ""
 
 
-def _lstsq_update(W: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: GroupStats
-                  ) -> tuple[torch.Tensor, float]:
-    """(new up, share of the output error removed); cross/ref default to G (dense inputs)."""
+def _lstsq_update(W: torch.Tensor, up: torch.Tensor, down: torch.Tensor, stats: GroupStats,
+                  ridge: float = 0.0) -> tuple[torch.Tensor, float]:
+    """(new up, share of the output error removed); cross/ref default to G (dense inputs).
+
+    `ridge`: the jitter λ the whitening added to G; it is added to G, C and G_ref alike (as if
+    pseudo-inputs √λ·e_i reached both models), so the update solves the very problem the
+    whitened truncation solved and leaves it unchanged under dense calibration."""
     G = stats.gram.G
     C = G if stats.cross is None else stats.cross
     R = G if stats.ref_gram is None else stats.ref_gram
+    if ridge:
+        eye = ridge * torch.eye(G.shape[0], dtype=G.dtype, device=G.device)
+        G, C, R = G + eye, C + eye, R + eye
     new = lstsq_up(W, down, C, G)
     e0, e1 = output_error(W, up, down, C, G, R), output_error(W, new, down, C, G, R)
     return new, (1 - e1 / e0 if e0 > 0 else 0.0)
@@ -362,7 +369,7 @@ def factorize_layer(run: _Run, name: str, dec: RankDecision | None, wh: Whitenin
     up, gain = f.up, None
     if cfg.update == "lstsq" and stats is not None:
         with run.timed("update_s"):
-            up, gain = _lstsq_update(W, f.up, f.down, stats)
+            up, gain = _lstsq_update(W, f.up, f.down, stats, wh.jitter if wh is not None else 0.0)
     bias = None if layer.bias is None else layer.bias.detach().to(out_dtype)
     new = FactorizedLinear.from_factors(up.to(W.device, out_dtype), f.down.to(W.device, out_dtype), bias)
     new.train(layer.training)
