@@ -3,6 +3,15 @@
     python benchmarks/compress_results.py --device cuda                       # the full table
     python benchmarks/compress_results.py --device cpu --max-eval-tokens 2048 \\
         --recover-steps 0 --calib-blocks 4 --ratios 0.2 --out .dev/RESULTS.md   # a CPU smoke
+    python benchmarks/compress_results.py --ablation --device cuda --seeds 0 1 2 \\
+        --out docs/ABLATION.md                                 # issue 15's ablation (GPU)
+    python benchmarks/compress_results.py --ablation --device cpu --quick --out .dev/A.md  # smoke
+
+--ablation: at each ratio, rows = the current default, each option of issue 15 alone
+(--allocate loss / sensitivity, --calibrate sequential, --update lstsq, --recover-loss kd) and
+all together; every row is recovered (same steps and tokens) once per --seeds. The JSON is
+rewritten after every row; --resume skips the (ratio, row) pairs it already holds, so the run
+can be split (e.g. --ratios 0.2 then --ratios 0.4, same --out) under a time limit.
 
 For each ratio (fraction of the target linears' parameters removed, SVD-LLM convention) and
 each method (plain truncated SVD, whitened SVD-LLM style): test perplexity on every --eval
@@ -29,6 +38,9 @@ from hylorada.compress import CompressConfig, compress_model
 from hylorada.compress.api import find_target_layers, recover_compressed
 from hylorada.compress.whiten import calibration_blocks, collect_grams
 from hylorada.loading import load_model
+
+ABLATION_ROWS = ("default", "allocate=loss", "allocate=sensitivity", "calibrate=sequential",
+                 "update=lstsq", "recover_loss=kd", "all")
 
 DESIGN_REFERENCE = """Reference (docs: ../shared/DESIGN.md, an earlier H100 run: held-out = last 10% of each
 text, whitening calibrated on 64 x 512 KJV tokens only, recovery with peft LoRA r=8, 200 steps
@@ -73,7 +85,31 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default="docs/RESULTS.md")
     p.add_argument("--progress", action="store_true")
-    return p.parse_args(argv)
+    g = p.add_argument_group("ablation (issue 15)")
+    g.add_argument("--ablation", action="store_true", help="run the ablation table instead")
+    g.add_argument("--quick", action="store_true",
+                   help="tiny settings (layer 0's attention only, ratio 0.4, 2 x 32 calibration tokens, "
+                        "128 test tokens per text, 2 recovery steps of 2 x 32)")
+    g.add_argument("--seeds", type=int, nargs="+", default=None, help="recovery seeds (default: 0 1 2; quick: 0)")
+    g.add_argument("--rows", default=",".join(ABLATION_ROWS), help="rows to run (default: all)")
+    g.add_argument("--all-allocate", default="loss", choices=["loss", "sensitivity"],
+                   help="allocation used by the 'all' row (default: %(default)s)")
+    g.add_argument("--kd-temperature", type=float, default=1.0)
+    g.add_argument("--sensitivity-blocks", type=int, default=8)
+    g.add_argument("--targets", default=None, help="module name pieces to compress, comma-separated")
+    g.add_argument("--resume", action="store_true", help="keep the rows already in the output JSON")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.calib_blocks, args.calib_seq_len, args.calib_batch_size = 2, 32, 2
+        args.max_eval_tokens, args.eval_seq_len, args.eval_batch_size = 128, 128, 1
+        args.recover_steps, args.recover_batch_size, args.recover_seq_len = 2, 2, 32
+        args.sensitivity_blocks = 1
+        args.targets = args.targets or "model.layers.0.self_attn"
+        if args.ratios == "0.2,0.4":
+            args.ratios = "0.4"
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
+    return args
 
 
 def fmt_ppl(x: float | None) -> str:
@@ -86,6 +122,8 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.ablation:
+        return run_ablation(args)
     t_start = time.perf_counter()
     ratios = [float(r) for r in args.ratios.split(",") if r]
     methods = [m for m in args.methods.split(",") if m]
@@ -224,6 +262,141 @@ def render(args, rows, corpora, seconds: float) -> str:
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", DESIGN_REFERENCE, ""]
     return "\n".join(lines)
+
+
+# --------------------------------------------------------------------------------------------
+# ablation (issue 15)
+# --------------------------------------------------------------------------------------------
+def row_settings(row: str, args) -> tuple[dict, str]:
+    """(CompressConfig options, recovery loss) of an ablation row."""
+    if row == "all":
+        return {"allocate": args.all_allocate, "calibrate": "sequential", "update": "lstsq"}, "kd"
+    if row == "recover_loss=kd":
+        return {}, "kd"
+    if row == "default":
+        return {}, "lm"
+    key, _, value = row.partition("=")
+    return {key: value}, "lm"
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
+    tmp.replace(path)
+
+
+def ablation_row(args, dense, tokenizer, calib, blocks, ratio: float, row: str, ppl, log) -> dict:
+    """Compress a copy of `dense` with the row's options, evaluate, recover once per seed."""
+    options, loss = row_settings(row, args)
+    targets = args.targets.split(",") if args.targets else None
+    cfg = CompressConfig(method="whiten", ratio=ratio, svd_solver=args.solver, seed=args.seed,
+                         target_modules=targets, calib_batch_size=args.calib_batch_size,
+                         sensitivity_blocks=args.sensitivity_blocks, recover_loss=loss,
+                         kd_temperature=args.kd_temperature, **options)
+    model = copy.deepcopy(dense)
+    t = time.perf_counter()
+    report = compress_model(model, cfg, calibration=calib, progress=args.progress)
+    out = {"ratio": ratio, "row": row, "options": {**options, "recover_loss": loss},
+           "compress_s": time.perf_counter() - t, "timings": report.timings,
+           "target_removed": report.target_ratio, "model_removed": report.model_ratio,
+           "ranks": {r.name: r.rank for r in report.layers}, "ppl": ppl(model), "recovery": []}
+    log(f"{row} {ratio:.0%}: {out['ppl']} ({out['compress_s']:.1f} s {report.timings})")
+    for seed in args.seeds if args.recover_steps else []:
+        student = copy.deepcopy(model)
+        t = time.perf_counter()
+        recover_compressed(student, blocks, method=args.recover_method, steps=args.recover_steps,
+                           lora_rank=args.recover_rank, schedule=args.recover_schedule,
+                           loss=loss, kd_temperature=args.kd_temperature,
+                           teacher=dense if loss != "lm" else None,
+                           train_config={"batch_size": args.recover_batch_size, "lr": args.recover_lr,
+                                         "progress": args.progress, "seed": seed})
+        rec = {"seed": seed, "recover_s": time.perf_counter() - t, "ppl": ppl(student)}
+        out["recovery"].append(rec)
+        log(f"  seed {seed}: recovered {rec['ppl']} ({rec['recover_s']:.1f} s)")
+        del student
+    return out
+
+
+def run_ablation(args) -> int:
+    t_start = time.perf_counter()
+
+    def log(msg: str) -> None:
+        print(f"[{time.perf_counter() - t_start:7.1f}s] {msg}", flush=True)
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".json")
+    done = json.loads(path.read_text())["rows"] if args.resume and path.exists() else []
+    keys = {(r["ratio"], r["row"]) for r in done}
+    dense, tokenizer = load_model(args.model, dtype=args.dtype, device=torch.device(args.device))
+    corpora = [c for c in args.eval.split(",") if c]
+
+    def ppl(model) -> dict[str, float]:
+        res = evaluate_corpora(model, tokenizer, corpora, args.eval_seq_len, args.max_eval_tokens or None,
+                               args.eval_batch_size, args.progress)
+        return {k: v["ppl"] for k, v in res.items()}
+
+    dense_ppl = ppl(dense)
+    log(f"dense {dense_ppl}")
+    calib = calibration_blocks(tokenizer, args.calib, args.calib_blocks, args.calib_seq_len, seed=args.seed)
+    blocks = recovery_blocks(tokenizer, args.recover_data, args.recover_seq_len) if args.recover_steps else None
+    if blocks is not None and args.quick:
+        blocks = {k: v[:64] for k, v in blocks.items()}
+    rows = list(done)
+    data = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "args": vars(args),
+            "env": env_info(), "dense": dense_ppl, "rows": rows}
+    for ratio in [float(r) for r in args.ratios.split(",") if r]:
+        for row in [r for r in args.rows.split(",") if r]:
+            if (ratio, row) in keys:
+                continue
+            rows.append(ablation_row(args, dense, tokenizer, calib, blocks, ratio, row, ppl, log))
+            _write_json(path, data)
+    data["seconds"] = time.perf_counter() - t_start
+    _write_json(path, data)
+    md = render_ablation(data, corpora)
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(md)
+    tmp.replace(out)
+    print(md)
+    log(f"wrote {out} and {path}")
+    return 0
+
+
+def _mean_sd(xs: list[float]) -> str:
+    if not xs:
+        return "-"
+    m = sum(xs) / len(xs)
+    sd = (sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) ** 0.5 if len(xs) > 1 else 0.0
+    return f"{m:.2f}x" + (f" ± {sd:.2f}" if len(xs) > 1 else "")
+
+
+def render_ablation(data: dict, corpora: list[str]) -> str:
+    """Markdown: perplexity / dense before and after recovery (mean ± sd over seeds), seconds."""
+    env, dense, args = data["env"], data["dense"], data["args"]
+    stages = ["calibration_s", "allocation_s", "factorize_s", "update_s"]
+    lines = ["# Compression ablation (issue 15): SmolLM2-135M", "",
+             f"Generated by `{data['command']}`  ",
+             f"{env['device']}, torch {env['torch']}, transformers {env['transformers']}, "
+             f"{env['date']}. Dense: " + ", ".join(f"{c} {dense[c]:.2f}" for c in corpora) + ". "
+             f"Whitening on {args['calib_blocks']} x {args['calib_seq_len']} tokens of {args['calib']}; "
+             f"recovery {args['recover_method']} r={args['recover_rank']}, {args['recover_steps']} steps of "
+             f"{args['recover_batch_size']} x {args['recover_seq_len']}, seeds {args['seeds']}. "
+             "Cells: perplexity / dense (after recovery: mean ± sd over seeds).", "",
+             "| ratio | row | " + " | ".join(f"{c} before | {c} after" for c in corpora)
+             + " | linears removed | " + " | ".join(s.removesuffix("_s") + " s" for s in stages)
+             + " | recover s |",
+             "|---|---|" + "---:|" * (2 * len(corpora) + 2 + len(stages))]
+    for r in data["rows"]:
+        cells = [f"{r['ratio']:.0%}", r["row"]]
+        for c in corpora:
+            cells += [f"{r['ppl'][c] / dense[c]:.2f}x",
+                      _mean_sd([x["ppl"][c] / dense[c] for x in r["recovery"]])]
+        cells.append(f"{100 * r['target_removed']:.2f}%")
+        cells += [f"{r['timings'].get(s, 0.0):.1f}" for s in stages]
+        rec = [x["recover_s"] for x in r["recovery"]]
+        cells.append(f"{sum(rec) / len(rec):.1f}" if rec else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -54,6 +54,7 @@ drops because every window gets its own.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -405,21 +406,22 @@ def _folder_documents(path: Path, text_field: str | None) -> list[Document]:
     return rows_to_documents(_local_dataset(kinds.pop(), files), text_field, path.name)
 
 
+@contextlib.contextmanager
 def _quiet_datasets():
-    import contextlib
-
+    """`datasets` without progress bars and without its own log lines (its failures reach the
+    user as our one-line UsageError instead, see `_local_dataset`)."""
     import datasets
 
-    @contextlib.contextmanager
-    def quiet():
-        was = datasets.is_progress_bar_enabled()
-        datasets.disable_progress_bars()
-        try:
-            yield datasets
-        finally:
-            if was:
-                datasets.enable_progress_bars()
-    return quiet()
+    was = datasets.is_progress_bar_enabled()
+    level = datasets.logging.get_verbosity()
+    datasets.disable_progress_bars()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL + 10)
+    try:
+        yield datasets
+    finally:
+        datasets.logging.set_verbosity(level)
+        if was:
+            datasets.enable_progress_bars()
 
 
 def _first_line(e: BaseException) -> str:

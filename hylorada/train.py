@@ -49,6 +49,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from .errors import HyloradaError, UsageError
+from .losses import check_loss, kd_loss_sum
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +106,9 @@ class TrainConfig:
     progress        show a tqdm progress bar (main process only)
     shuffle         shuffle the blocks with a seeded permutation per epoch
     find_unused_parameters  for DDP; None: probe once with a forward/backward (distributed only)
+    loss            "lm" (next-token cross-entropy) | "kd" | "kd+lm": distillation from the
+                    `teacher` given to train() (hylorada/losses.py); validation stays the LM loss
+    kd_temperature  T of the distillation softmax (the KL is scaled by T²)
     """
 
     steps: int = 100
@@ -127,6 +131,8 @@ class TrainConfig:
     progress: bool = True
     shuffle: bool = True
     find_unused_parameters: bool | None = None
+    loss: str = "lm"
+    kd_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> None:
@@ -169,6 +175,7 @@ class TrainConfig:
             self.out_dir = str(self.out_dir)
         if self.find_unused_parameters not in (None, True, False):
             bad("find_unused_parameters", "None (auto), True or False")
+        check_loss(self.loss, self.kd_temperature, "TrainConfig.loss", "TrainConfig.kd_temperature")
 
     @property
     def global_batch(self) -> int:
@@ -244,6 +251,20 @@ def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
 
 def count_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
     return int((_targets(labels, attention_mask) != IGNORE_INDEX).sum())
+
+
+def step_loss_sum(config: TrainConfig, logits: torch.Tensor, mb: dict[str, torch.Tensor],
+                  teacher: nn.Module | None, autocast=contextlib.nullcontext) -> torch.Tensor:
+    """Sum over the micro-batch's target tokens of config.loss (hylorada/losses.py); the
+    teacher's forward runs under `autocast()` (the student's precision)."""
+    lm, _ = causal_lm_loss_sum(logits, mb["labels"], mb["attention_mask"])
+    if config.loss == "lm":
+        return lm
+    with torch.no_grad(), autocast():
+        t_logits = _logits(teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
+                                   use_cache=False))
+    kd, _ = kd_loss_sum(logits, t_logits, mb["labels"], mb["attention_mask"], config.kd_temperature)
+    return kd if config.loss == "kd" else kd + lm.to(kd.dtype)
 
 
 def _clear_grads(params: list[nn.Parameter]) -> None:
@@ -524,7 +545,8 @@ def _make_accelerator(config: TrainConfig, unused: bool | None):
 
 def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
           valid_blocks: dict[str, torch.Tensor] | None, config: TrainConfig,
-          accelerator=None, callback: Callable[[int, dict[str, Any]], None] | None = None) -> TrainResult:
+          accelerator=None, callback: Callable[[int, dict[str, Any]], None] | None = None,
+          teacher: nn.Module | None = None) -> TrainResult:
     """Train the adapter parameters of `model` (a HyLoRADAModel or anything with its API).
 
     train_blocks / valid_blocks: dicts of [n, L] tensors input_ids, attention_mask, labels
@@ -533,7 +555,11 @@ def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
     `callback(step, metrics)` runs on every process after each step (after eval and
     checkpointing); raising in it stops the run (e.g. optuna pruning).
     Raises NonFiniteLossError before the optimizer step of a step whose loss is not finite.
+    `teacher`: the model distilled from when config.loss is "kd" or "kd+lm" (frozen, eval mode,
+    moved to the training device).
     """
+    if config.loss != "lm" and teacher is None:
+        raise ValueError(f"TrainConfig.loss={config.loss!r} needs a teacher model: train(..., teacher=dense)")
     t_start = time.perf_counter()
     owns_accelerator = accelerator is None
     core = model
@@ -571,6 +597,8 @@ def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
     out_dir = Path(config.out_dir) if config.out_dir else None
 
     core.to(device)
+    if teacher is not None and config.loss != "lm":
+        teacher.to(device).eval().requires_grad_(False)
     _clear_grads(trainable)  # a stray backward before train() must not leak into step 1
     optimizer = build_optimizer(core, config)
     scheduler = build_scheduler(optimizer, config)
@@ -712,7 +740,7 @@ def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
                     with autocast():
                         logits = _logits(ddp_model(input_ids=mb["input_ids"],
                                                    attention_mask=mb["attention_mask"], use_cache=False))
-                    s, _ = causal_lm_loss_sum(logits, mb["labels"], mb["attention_mask"])
+                    s = step_loss_sum(config, logits, mb, teacher, autocast)
                     accelerator.backward(s * scale)
                 local_sum += s.detach().double()
             total = accelerator.reduce(local_sum, reduction="sum") if world > 1 else local_sum

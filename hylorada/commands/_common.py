@@ -104,6 +104,7 @@ RANGES = {
     "lr": POS_FLOAT, "weight_decay": NONNEG_FLOAT, "min_lr_ratio": UNIT, "max_grad_norm": NONNEG_FLOAT,
     "alpha": POS_FLOAT, "dropout": PROB, "lora_plus_ratio": POS_FLOAT,
     "ratio": FRACTION, "energy": SHARE,
+    "kd_temperature": POS_FLOAT,
     "max_new_tokens": POS_INT, "top_k": NONNEG_INT, "top_p": SHARE, "temperature": POS_FLOAT,
 }
 # (command, dest) -> type, where a flag means something else in one command

@@ -102,6 +102,14 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--force", action="store_true", help="factorise even layers whose rank saves nothing")
     g.add_argument("--rank-multiple", type=int, default=1,
                    help="round ranks down to a multiple of this (8 keeps GPU GEMMs aligned)")
+    # issue 15 options (hylorada/compress/allocate.py, sequential.py, update.py; hylorada/losses.py)
+    g.add_argument("--allocate", default="uniform", choices=["uniform", "loss", "sensitivity"],
+                   help="ranks: uniform per matrix, or shared under the same budget by relative "
+                        "truncation loss or by measured sensitivity (default: %(default)s)")
+    g.add_argument("--calibrate", default="dense", choices=["dense", "sequential"],
+                   help="whitening statistics from the dense model or from the model compressed so far")
+    g.add_argument("--update", default="none", choices=["none", "lstsq"],
+                   help="re-solve the up factors by least squares against the dense outputs")
     g.add_argument("--calib", default="kjv", help="calibration corpora, comma-separated: kjv, shakespeare, files, "
                                                   "folders or dataset names (default: %(default)s)")
     g.add_argument("--calib-blocks", type=int, default=64, help="calibration blocks (default: %(default)s)")
@@ -130,6 +138,9 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--recover-seq-len", type=int, default=256)
     g.add_argument("--recover-schedule", default="sequential", choices=["sequential", "joint"],
                    help="sequential: up factors then down factors (SVD-LLM); joint: both at once")
+    g.add_argument("--recover-loss", default="lm", choices=["lm", "kd", "kd+lm"],
+                   help="next-token loss, distillation from the dense model, or both (default: %(default)s)")
+    g.add_argument("--kd-temperature", type=float, default=1.0, help="distillation temperature T")
     g.add_argument("--recover-targets", default="factors", choices=["factors", "layers"],
                    help="factors: adapters on up/down (rank stays k); layers: on whole layers (rank k + r)")
     g = p.add_argument_group("output")
@@ -217,12 +228,16 @@ def run(args: argparse.Namespace) -> int:
     with as_flags({"ratio": "--ratio", "energy": "--energy", "alpha": "--alpha", "budget": "--budget",
                    "target_modules": "--target", "overrides": "--override", "dtype": "--factor-dtype",
                    "rank_multiple": "--rank-multiple", "calib_blocks": "--calib-blocks",
-                   "calib_seq_len": "--calib-seq-len", "calib_batch_size": "--calib-batch-size", "seed": "--seed"}):
+                   "calib_seq_len": "--calib-seq-len", "calib_batch_size": "--calib-batch-size", "seed": "--seed",
+                   "allocate": "--allocate", "calibrate": "--calibrate", "update": "--update",
+                   "recover_loss": "--recover-loss", "kd_temperature": "--kd-temperature"}):
         config = CompressConfig(method=args.method, **policy, target_modules=args.target,
                                 overrides=dict(args.override), svd_solver=args.solver, calib_precision=args.calib_precision, rank_multiple=args.rank_multiple,
                                 whiten_method=args.whiten_method, calib_blocks=args.calib_blocks,
                                 calib_seq_len=args.calib_seq_len, calib_batch_size=args.calib_batch_size,
-                                force=args.force, dtype=args.factor_dtype, seed=args.seed)
+                                force=args.force, dtype=args.factor_dtype, seed=args.seed,
+                                allocate=args.allocate, calibrate=args.calibrate, update=args.update,
+                                recover_loss=args.recover_loss, kd_temperature=args.kd_temperature)
     check_out_dir(args.out)  # writable (a temp file in the nearest existing folder)
     if args.out:  # before any work: never lose what is at --out (hylorada.utils.io)
         from ..utils.io import check_output_dir, clean_stale
@@ -230,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         for line in clean_stale(args.out):  # first: restores an output a killed run was replacing
             print(f"  note: {line}", file=sys.stderr)
         check_output_dir(args.out, overwrite=args.overwrite, kind="compressed")
-    for names, split, used, flag in ((args.calib, "train", args.method == "whiten", "--calib"),
+    for names, split, used, flag in ((args.calib, "train", args.method == "whiten" or args.update == "lstsq" or args.allocate == "sensitivity", "--calib"),
                                      (args.eval, "test", not args.no_eval, "--eval"),
                                      (args.recover_data, "train", args.recover_steps > 0, "--recover-data")):
         for spec in data_specs(args, names) if used else ():  # bad data stops here, before the model loads
@@ -259,7 +274,8 @@ def run(args: argparse.Namespace) -> int:
         print(f"  perplexity {stage:>10}: " + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in ppl[stage].items()))
 
     calibration = None
-    if args.method == "whiten":  # before any perplexity: too little calibration text is refused first
+    if args.method == "whiten" or config.update == "lstsq" or config.allocate == "sensitivity":
+        # before any perplexity: too little calibration text is refused first
         t = time.perf_counter()
         try:
             calibration = calibration_blocks(tokenizer, data_specs(args, args.calib), args.calib_blocks,
@@ -269,6 +285,10 @@ def run(args: argparse.Namespace) -> int:
         timings["calib_data_s"] = time.perf_counter() - t
     measure("dense")
     size_dense = model_size(model).n_bytes
+    teacher = None
+    if args.recover_steps > 0 and config.recover_loss != "lm":  # the dense model, kept for KD
+        import copy
+        teacher = copy.deepcopy(model)
     t = time.perf_counter()
     report = compress_model(model, config, calibration=calibration, progress=progress)
     timings["compress_s"] = time.perf_counter() - t
@@ -282,6 +302,7 @@ def run(args: argparse.Namespace) -> int:
         recovery = recover_compressed(
             model, blocks, method=args.recover_method, steps=args.recover_steps,
             lora_rank=args.recover_rank, schedule=args.recover_schedule, targets=args.recover_targets,
+            loss=config.recover_loss, kd_temperature=config.kd_temperature, teacher=teacher,
             train_config={"batch_size": args.recover_batch_size, "lr": args.recover_lr,
                           "progress": progress, "seed": args.seed})
         timings["recover_s"] = time.perf_counter() - t

@@ -6,11 +6,15 @@ from dataclasses import asdict, dataclass, field
 import torch
 
 from ..errors import UsageError
+from ..losses import check_loss
+from .allocate import ALLOCATIONS
 from .ranks import POLICIES
 from .svd import SOLVERS
 from .whiten import CALIB_PRECISIONS, WHITEN_METHODS
 
 METHODS = ("svd", "whiten")
+CALIBRATIONS = ("dense", "sequential")
+UPDATES = ("none", "lstsq")
 BUDGET_ENERGY = ("relative", "absolute")
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
           "float64": torch.float64}
@@ -70,6 +74,16 @@ class CompressConfig:
         (ranks.round_to_multiple): a rounded-up rank that saves nothing leaves the layer dense.
     dtype: storage dtype of the factors (None: each layer's own); compute_dtype: of the SVD and
         whitening (float64 by default).
+    allocate: "uniform" (every matrix at the ratio's rank), "loss" (relative whitened truncation
+        loss per parameter) or "sensitivity" (measured calibration-loss change per matrix), the
+        last two under the uniform ratio's parameter budget (hylorada/compress/allocate.py; need
+        the ratio policy). sensitivity_blocks: calibration blocks its loss is measured on.
+    calibrate: "dense" (every layer's statistics from the dense model) or "sequential" (from the
+        model compressed so far, one input group at a time; hylorada/compress/sequential.py).
+    update: "none" or "lstsq" (re-solve `up` by least squares against the dense layer's outputs;
+        hylorada/compress/update.py).
+    recover_loss / kd_temperature: the loss of the recovery that follows compression
+        (hylorada/losses.py, hylorada/recipes/compress.py); compress_model does not read them.
     """
 
     method: str = "whiten"
@@ -94,6 +108,12 @@ class CompressConfig:
     dtype: str | None = None
     compute_dtype: str = "float64"
     seed: int = 0
+    allocate: str = "uniform"
+    sensitivity_blocks: int = 8
+    calibrate: str = "dense"
+    update: str = "none"
+    recover_loss: str = "lm"
+    kd_temperature: float = 1.0
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -169,6 +189,26 @@ class CompressConfig:
         if self.compute_dtype not in ("float32", "float64"):
             raise UsageError(f"CompressConfig.compute_dtype must be one of ('float32', 'float64'), "
                              f"got {self.compute_dtype!r}")
+        self._check_options()
+
+    def _check_options(self) -> None:
+        for name, allowed in (("allocate", ALLOCATIONS), ("calibrate", CALIBRATIONS),
+                              ("update", UPDATES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"CompressConfig.{name} must be one of {allowed}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.allocate != "uniform" and self.policy != "ratio":
+            raise ValueError(f"CompressConfig.allocate={self.allocate!r} shares the budget of the ratio "
+                             f"policy: set ratio, not {self.policy}")
+        if self.calibrate == "sequential" and self.method != "whiten" and self.update != "lstsq":
+            raise ValueError("CompressConfig.calibrate='sequential' changes the whitening and the "
+                             "update only: use it with method='whiten' or update='lstsq'")
+        if (not isinstance(self.sensitivity_blocks, int) or isinstance(self.sensitivity_blocks, bool)
+                or self.sensitivity_blocks < 1):
+            raise ValueError(f"CompressConfig.sensitivity_blocks must be an int >= 1, "
+                             f"got {self.sensitivity_blocks!r}")
+        check_loss(self.recover_loss, self.kd_temperature, "CompressConfig.recover_loss",
+                   "CompressConfig.kd_temperature")
 
     @staticmethod
     def _check_value(policy: str, v, where: str) -> None:
