@@ -188,9 +188,9 @@ class CompressReport:
         return (f"{self.method}: {self.n_factorized} layers factorised, {self.n_dense} kept dense; "
                 f"target linears {self.target_params_before:,} -> {self.target_params_after:,} params "
                 f"({100 * self.target_ratio:.2f}% removed, {self.target_bytes_before / mb:.1f} -> "
-                f"{self.target_bytes_after / mb:.1f} MB); whole model {self.model_params_before:,} -> "
+                f"{self.target_bytes_after / mb:.1f} MiB); whole model {self.model_params_before:,} -> "
                 f"{self.model_params_after:,} params ({100 * self.model_ratio:.2f}% removed, "
-                f"{self.model_bytes_before / mb:.1f} -> {self.model_bytes_after / mb:.1f} MB)")
+                f"{self.model_bytes_before / mb:.1f} -> {self.model_bytes_after / mb:.1f} MiB)")
 
     def to_markdown(self) -> str:
         mb = 1024 ** 2
@@ -209,7 +209,7 @@ class CompressReport:
                          f"{note} |")
         lines += [
             "",
-            "| total | params before | params after | removed | MB before | MB after |",
+            "| total | params before | params after | removed | MiB before | MiB after |",
             "|---|---:|---:|---:|---:|---:|",
             f"| target linears | {self.target_params_before:,} | {self.target_params_after:,} | "
             f"{100 * self.target_ratio:.2f}% | {self.target_bytes_before / mb:.2f} | "
