@@ -281,6 +281,7 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
     # whitening factors, one per shared Gram matrix; per layer memoised (None: plain SVD)
     factors: dict[int, Whitening] = {}
     chosen: dict[str, Whitening | None] = {}
+    thin: dict[str, tuple[int, int]] = {}  # layer -> (calibration tokens, d_in) when tokens < 4·d_in
 
     def whitening_for(name: str) -> Whitening | None:
         if name in chosen:
@@ -293,11 +294,8 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
             else:
                 if id(g) not in factors:
                     factors[id(g)] = whitening_factor(g.G.to(cdt), config.whiten_method, config.jitter)
-                    d_in = g.G.shape[0]
-                    if g.n_tokens < 4 * d_in:
-                        notes.append(f"{name}: only {g.n_tokens:,} calibration tokens for {d_in} input "
-                                     "features; the whitening sees too small a subspace (use more "
-                                     "calibration tokens, at least several times d_in)")
+                if g.n_tokens < 4 * g.G.shape[0]:
+                    thin[name] = (g.n_tokens, g.G.shape[0])
                 wh = factors[id(g)]
         chosen[name] = wh
         return wh
@@ -400,6 +398,8 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
         del W, f, svd_once
         release(name)
     del grams, factors, chosen
+    if thin:
+        notes.append(thin_calibration_note(thin, len(targets)))
     model_params_after, model_bytes_after = stored_size(model)
     return CompressReport(
         method=config.method, config=config.to_dict(), layers=reports,
@@ -410,6 +410,19 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
         model_params_before=model_params_before, model_params_after=model_params_after,
         model_bytes_before=model_bytes_before, model_bytes_after=model_bytes_after,
         calib_tokens=calib_tokens, seconds=time.perf_counter() - t0, notes=notes)
+
+
+def thin_calibration_note(thin: dict[str, tuple[int, int]], n_layers: int) -> str:
+    """One note for every layer whose whitening saw fewer than 4·d_in calibration tokens
+    (`thin`: layer -> (tokens, d_in)), with the layer count per (tokens, d_in)."""
+    groups: dict[tuple[int, int], int] = {}
+    for key in thin.values():
+        groups[key] = groups.get(key, 0) + 1
+    detail = "; ".join(f"{n} layer(s) with {t:,} tokens for {d} input features"
+                       for (t, d), n in sorted(groups.items(), key=lambda kv: kv[0][1]))
+    return (f"{len(thin)} of {n_layers} layers saw fewer calibration tokens than 4 x their input "
+            f"features ({detail}, e.g. {next(iter(thin))}): the whitening sees too small a subspace; "
+            "use more calibration tokens, at least several times d_in")
 
 
 def factorized_layers(model: nn.Module) -> dict[str, FactorizedLinear]:
