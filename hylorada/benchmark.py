@@ -1148,7 +1148,7 @@ def _sample_lines(smp: dict[str, Any] | None) -> list[str]:
              f"Greedy, {smp['max_new_tokens']} new tokens, {'chat template' if smp['chat'] else 'no chat template'}"
              " (`hylorada.recipes.generate`); the prompt:", "", "```", smp["prompt"], "```", ""]
     for r in smp["rows"]:
-        lines += [f"**{r['label']}** (`{r['cell']}`):", "", "```", r["text"].strip("\n") or "(empty)", "```", ""]
+        lines += [f"**{r['label']}** (`{r['cell']}`):", "", "```", r["text"].strip("\n") or "(no text: end of text was the first token)", "```", ""]
     return lines[:-1]
 
 
@@ -1273,7 +1273,7 @@ def _frontier_plot(res: dict[str, Any], path: Path, plt) -> None:
     if uniq:
         ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.set_xlabel("model size (MiB, every stored tensor)")
-    ax.set_ylabel(f"test perplexity / dense (linear, cut at {FRONTIER_CLIP:g}x)")
+    ax.set_ylabel("test perplexity / dense" + (f" (axis cut at {FRONTIER_CLIP:g}x)" if clipped else ""))
     ax.set_title(f"size / quality frontier ({res['config']['preset']}); labels: ratio: perplexity vs dense",
                  fontsize=10)
     ax.grid(True, alpha=0.3)

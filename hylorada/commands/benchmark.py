@@ -90,6 +90,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{out}/results.md:\n")
     with open(f"{out}/results.md") as fh:
         print(fh.read())
+    print(f"wrote {out}/results.md, results.json, methods.png, frontier.png")
     if res["pending"]:
         print(f"{len(res['pending'])} cell(s) pending; rerun the same command to continue.")
     return 0
