@@ -1148,7 +1148,8 @@ def _sample_lines(smp: dict[str, Any] | None) -> list[str]:
              f"Greedy, {smp['max_new_tokens']} new tokens, {'chat template' if smp['chat'] else 'no chat template'}"
              " (`hylorada.recipes.generate`); the prompt:", "", "```", smp["prompt"], "```", ""]
     for r in smp["rows"]:
-        lines += [f"**{r['label']}** (`{r['cell']}`):", "", "```", r["text"].strip("\n") or "(no text: end of text was the first token)", "```", ""]
+        text = r["text"].strip("\n") or "(no text: end of text was the first token)"
+        lines += [f"**{r['label']}** (`{r['cell']}`):", "", "```", text, "```", ""]
     return lines[:-1]
 
 
@@ -1225,8 +1226,8 @@ def frontier_points(res: dict[str, Any], clip: float = FRONTIER_CLIP) -> list[di
 
 def _frontier_plot(res: dict[str, Any], path: Path, plt) -> None:
     """Size vs perplexity relative to dense on a linear axis cut at FRONTIER_CLIP x dense; points
-    above the cut are drawn on it as triangles (filled: recovered) and listed with their real ratio
-    above the cut (collapsed plain SVD would otherwise squash the useful region into a sliver of a
+    above the cut are drawn on it as triangles (filled: recovered), their real ratios written
+    under it (collapsed plain SVD would otherwise squash the useful region into a sliver of a
     log axis)."""
     pts = frontier_points(res)
     fig, ax = plt.subplots(figsize=(9.5, 5))
