@@ -95,7 +95,9 @@ class Analysis:
         if w:
             head += f" whitened k{es} | whitened energy @20% |"
             sep += "---:|---:|"
-        lines = [head, sep]
+        warnings = [n for n in self.notes if n.startswith("WARNING")]  # shown above the long table
+        lines = [*warnings, ""] if warnings else []
+        lines += [head, sep]
 
         def fmt(ranks: dict, be: float) -> str:
             return " / ".join(f"{k}{'*' if k >= be else ''}" for k in ranks.values())
@@ -128,7 +130,7 @@ class Analysis:
             lines.append(row)
         if self.calib_tokens:
             lines += ["", f"Whitened with {self.calib_tokens:,} calibration tokens."]
-        lines += [f"- {n}" for n in self.notes]
+        lines += [f"- {n}" for n in self.notes if n not in warnings]
         return "\n".join(lines) + "\n"
 
     def plot(self, path) -> None:
