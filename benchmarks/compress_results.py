@@ -16,7 +16,7 @@ can be split (e.g. --ratios 0.2 then --ratios 0.4, same --out) under a time limi
 For each ratio (fraction of the target linears' parameters removed, SVD-LLM convention) and
 each method (plain truncated SVD, whitened SVD-LLM style): test perplexity on every --eval
 corpus before and after a short recovery (HyLoRADA adapters on the up/down factors, trained
-on the --recover-data train splits, merged back: ranks unchanged), model size in MB and
+on the --recover-data train splits, merged back: ranks unchanged), model size in MiB and
 forward tokens/s against the dense model. Whitening is calibrated once on a mix of the
 --calib corpora's train blocks and reused for every ratio.
 """
@@ -186,7 +186,7 @@ def main(argv=None) -> int:
                    "mb": size.n_bytes / 2**20, "params": size.n_params,
                    "target_removed": report.target_ratio, "model_removed": report.model_ratio,
                    "n_dense": report.n_dense, "compress_s": compress_s, "tokens_per_s": throughput(model)}
-            log(f"{method} {ratio:.0%}: {row['ppl']} ({compress_s:.1f} s), {row['mb']:.1f} MB, "
+            log(f"{method} {ratio:.0%}: {row['ppl']} ({compress_s:.1f} s), {row['mb']:.1f} MiB, "
                 f"{row['tokens_per_s']} tok/s")
             if args.recover_steps and method in recover_for:
                 t = time.perf_counter()
@@ -247,7 +247,7 @@ def render(args, rows, corpora, seconds: float) -> str:
     head = "| ratio | method | " + " | ".join(f"{c} ppl" for c in corpora)
     if rec:
         head += " | " + " | ".join(f"{c} recovered" for c in corpora)
-    head += " | linears removed | model removed | size MB | " + " | ".join(
+    head += " | linears removed | model removed | size MiB | " + " | ".join(
         f"tokens/s {d} | vs dense" for d in devs) + " |"
     n_cols = head.count("|") - 1
     lines += ["", head, "|" + "---|" * n_cols]

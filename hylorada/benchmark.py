@@ -87,7 +87,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class BenchConfig:
-    """Everything a benchmark run depends on. See PRESETS for the two sized configurations."""
+    """Everything a benchmark run depends on. See PRESETS for the sized configurations."""
 
     preset: str = "cpu-quick"
     model: str = "smollm2-135m"
@@ -131,6 +131,11 @@ class BenchConfig:
     calib_blocks: int = 16
     calib_seq_len: int = 256
     svd_solver: str = "full"
+    # a sample generation from every cell's model (greedy; "" = none): recorded in the cells,
+    # shown side by side in results.md
+    sample_prompt: str = ""
+    sample_tokens: int = 32
+    sample_chat: bool = False
     # what results.md says about the size of the run
     caveat: str = ""
 
@@ -159,7 +164,25 @@ FULL_CAVEAT = (
     "{eval_seq_len} tokens. A difference between two rows means something only where it is "
     "larger than the spread over seeds shown next to it.")
 
+QUICK_CAVEAT = (
+    "This is the `quick` preset, the first command's demonstration: one seed, {steps} steps of "
+    "{batch_size} x {seq_len} tokens ({tokens:,} training tokens) for each of LoRA, HyLoRADA and the "
+    "recovery, test perplexity on the first {eval_tokens} test tokens, whitened compression at "
+    "ratio(s) {ratios}. It shows the whole pipeline and the direction of each effect (adaptation "
+    "lowers perplexity, compression raises it, recovery takes part of that back); it does not rank "
+    "LoRA against HyLoRADA (one seed, a few thousand tokens). `--preset cpu-quick` (~15 min, every "
+    "method, plain SVD too) and `--preset full` (a GPU) are the longer runs.")
+
+SAMPLE_PROMPT = "ROMEO:\nWhat light through yonder window breaks?"
+
 PRESETS: dict[str, dict[str, Any]] = {
+    # the README's first command: ~4 min on a 2-core CPU with SmolLM2-135M (docs/BENCHMARK.md)
+    "quick": dict(
+        seeds=1, steps=8, batch_size=4, seq_len=128, lr=1e-3, warmup_steps=1,
+        eval_max_tokens=2048, eval_batch_size=2, mixed_precision="no",
+        methods=["lora", "hylorada"], peft=False, ablations=[],
+        ratios=[0.2], compress_methods=["whiten"], calib_blocks=8, calib_seq_len=256,
+        sample_prompt=SAMPLE_PROMPT, sample_tokens=24, caveat=QUICK_CAVEAT),
     # ~15 minutes on a 2-core CPU with SmolLM2-135M (see docs/BENCHMARK.md for the arithmetic)
     "cpu-quick": dict(
         seeds=1, steps=12, batch_size=4, seq_len=128, lr=1e-3, warmup_steps=2,
@@ -176,7 +199,10 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def make_config(preset: str = "cpu-quick", **overrides: Any) -> BenchConfig:
+DEFAULT_PRESET = "quick"
+
+
+def make_config(preset: str = DEFAULT_PRESET, **overrides: Any) -> BenchConfig:
     """The preset's BenchConfig with `overrides` (None values are ignored)."""
     if preset not in PRESETS:
         raise UsageError(f"unknown preset {preset!r}; allowed: {sorted(PRESETS)}")
@@ -195,7 +221,8 @@ def validate_config(cfg: BenchConfig) -> None:
         raise UsageError(f"benchmark {name}={getattr(cfg, name)!r} is invalid: allowed {allowed}")
 
     for name in ("seeds", "steps", "batch_size", "seq_len", "target_rank", "eval_seq_len",
-                 "eval_batch_size", "lim_buckets", "recovery_rank", "calib_blocks", "calib_seq_len"):
+                 "eval_batch_size", "lim_buckets", "recovery_rank", "calib_blocks", "calib_seq_len",
+                 "sample_tokens"):
         v = getattr(cfg, name)
         if not isinstance(v, int) or isinstance(v, bool) or v < 1:
             bad(name, "an integer >= 1")
@@ -401,6 +428,8 @@ def plan_cells(cfg: BenchConfig, budget: dict[str, Any], rows: list[str]) -> lis
                   eval_max_tokens=cfg.eval_max_tokens, lim_buckets=cfg.lim_buckets)
     if cfg.window_prefix != "auto":  # "auto" keeps the keys (and stored cells) of runs before the option
         common["window_prefix"] = cfg.window_prefix
+    if cfg.sample_prompt:  # likewise: no sample, the keys of runs before the option
+        common["sample"] = dict(prompt=cfg.sample_prompt, max_new_tokens=cfg.sample_tokens, chat=cfg.sample_chat)
     train = dict(steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
                  warmup_steps=cfg.warmup_steps, schedule=cfg.schedule, min_lr_ratio=cfg.min_lr_ratio,
                  weight_decay=cfg.weight_decay, max_grad_norm=cfg.max_grad_norm,
@@ -635,9 +664,21 @@ class CellRunner:
         res = lim_perplexity(model, ids, spec["eval_seq_len"], n_buckets=spec["lim_buckets"],
                              batch_size=self.cfg.eval_batch_size, device=self.device, progress=False,
                              bos_id=self._bos_id())
-        return {"window_prefix": res.window_prefix, "test_ppl": res.ppl, "test_nll": res.nll, "lim_ppl": res.lim_ppl,
-                "test_tokens": res.n_tokens, "lim_bucket_ppl": res.bucket_ppl,
-                "lim_bucket_tokens": res.bucket_tokens, "eval_seconds": res.seconds}
+        out = {"window_prefix": res.window_prefix, "test_ppl": res.ppl, "test_nll": res.nll, "lim_ppl": res.lim_ppl,
+               "test_tokens": res.n_tokens, "lim_bucket_ppl": res.bucket_ppl,
+               "lim_bucket_tokens": res.bucket_tokens, "eval_seconds": res.seconds}
+        if spec.get("sample"):
+            out.update(self.sample(model, spec["sample"]))
+        return out
+
+    def sample(self, model: nn.Module, sample: dict[str, Any]) -> dict[str, Any]:
+        """The greedy continuation of the sample prompt (hylorada.recipes.generate.generate)."""
+        from .recipes.generate import GenerationSettings, generate
+
+        t0 = time.perf_counter()
+        text = generate(getattr(model, "peft_model", model), self.tokenizer, sample["prompt"],
+                        GenerationSettings(max_new_tokens=sample["max_new_tokens"]), chat=sample["chat"])
+        return {"sample_text": text, "sample_seconds": time.perf_counter() - t0}
 
     def train_config(self, spec: dict[str, Any], seed: int):
         from .train import TrainConfig
@@ -886,7 +927,29 @@ def aggregate(cfg: BenchConfig, cells: list[Cell], results: dict[str, dict], row
                          "test_ppl": r["test_ppl"], "lim_ppl": r["lim_ppl"], "target_ratio": r["target_ratio"],
                          "model_ratio": r["model_ratio"], "recovery_method": r.get("recovery_method"),
                          "seconds": r.get("seconds")})
-    return {"adaptation": adaptation, "frontier": frontier, "verdict": verdict(adaptation)}
+    return {"adaptation": adaptation, "frontier": frontier, "verdict": verdict(adaptation),
+            "samples": samples(cfg, cells, results)}
+
+
+def _cell_label(cell: Cell) -> str:
+    spec = cell.spec
+    if cell.kind == "base":
+        return "dense"
+    if cell.kind == "adapt":
+        return f"dense + {spec['row']}" + (f" (seed {spec['seed']})" if spec["seed"] else "")
+    name = f"{'whitened' if spec['compress_method'] == 'whiten' else 'plain'} SVD {100 * spec['ratio']:g}%"
+    return name + (f" + recovery ({spec['recovery_method']})" if spec["recovery"] else "")
+
+
+def samples(cfg: BenchConfig, cells: list[Cell], results: dict[str, dict]) -> dict[str, Any] | None:
+    """The sample generations of the finished cells, in cell order (None without a sample prompt)."""
+    if not cfg.sample_prompt:
+        return None
+    rows = [{"cell": c.id, "label": _cell_label(c), "text": results[c.id]["sample_text"],
+             "seconds": results[c.id].get("sample_seconds")}
+            for c in cells if c.id in results and results[c.id].get("sample_text") is not None]
+    return {"prompt": cfg.sample_prompt, "max_new_tokens": cfg.sample_tokens, "chat": cfg.sample_chat,
+            "rows": rows}
 
 
 def verdict(adaptation: list[dict[str, Any]]) -> dict[str, Any] | None:
@@ -967,6 +1030,7 @@ def render_markdown(res: dict[str, Any]) -> str:
                   + ", ".join(f"`{p}`" for p in res["pending"]) + ". Run the same command again (or with "
                   "`--only`) to finish them.", ""]
 
+    lines += _summary_lines(res)
     b = res["budget"]
     lines += ["## Matched trainable-parameter budgets", "",
               f"Every row's rank gives the trainable count closest to LoRA's at rank {b['target_rank']} "
@@ -1039,10 +1103,47 @@ def render_markdown(res: dict[str, Any]) -> str:
                      f"{('yes (' + e['recovery_method'] + ')') if e['recovery'] else 'no'} | {_f(e['size_mb'], 1)} | "
                      f"{100 * e['target_ratio']:.1f}% / {100 * e['model_ratio']:.1f}% | {_f(_num(e['test_ppl']))} | "
                      f"{_f(_num(e['lim_ppl']))} |")
+    lines += _sample_lines(res.get("samples"))
     lines += ["", f"Plots: `methods.png`, `frontier.png`. Every number: `results.json`. "
               f"{res['n_cells'] - len(res['pending'])} of {res['n_cells']} cells done; "
               f"cell files in `cells/`.", ""]
     return "\n".join(lines)
+
+
+def _summary_lines(res: dict[str, Any]) -> list[str]:
+    """One table: size and test perplexity of dense, each adapted method and each compressed model."""
+    fr, ad = res["frontier"], res["adaptation"]
+    dense = next((e for e in fr if e["compress_method"] is None), None)
+    if dense is None:
+        return []
+    d_ppl, d_size = _num(dense["test_ppl"]), dense["size_mb"]
+    lines = ["## At a glance", "", "| model | size (MiB) | test PPL | vs dense |", "|---|---:|---:|---:|"]
+
+    def row(name: str, size: float | None, ppl: float | None) -> None:
+        rel = f"{ppl / d_ppl:.2f}x" if ppl is not None and d_ppl else "–"
+        lines.append(f"| {name} | {_f(size, 1)} | {_f(ppl)} | {rel} |")
+
+    row("dense", d_size, d_ppl)
+    for e in ad:
+        if e["kind"] in ("method", "peft") and e.get("test_ppl_mean") is not None:
+            row(f"dense + {e['row']} adapter ({e['trainable_params']:,} trainable)", d_size, e["test_ppl_mean"])
+    for e in fr:
+        if e["compress_method"] is not None:
+            name = f"{'whitened' if e['compress_method'] == 'whiten' else 'plain'} SVD {100 * e['ratio']:g}%"
+            row(name + (" + recovery" if e["recovery"] else ""), e["size_mb"], _num(e["test_ppl"]))
+    return lines + ["", "Adapted rows: the dense size plus the adapter (merged: exactly the dense size).", ""]
+
+
+def _sample_lines(smp: dict[str, Any] | None) -> list[str]:
+    if not smp or not smp["rows"]:
+        return []
+    lines = ["", "## Sample generation", "",
+             f"Greedy, {smp['max_new_tokens']} new tokens, {'chat template' if smp['chat'] else 'no chat template'}"
+             " (`hylorada.recipes.generate`); the prompt:", "", "```", smp["prompt"], "```", ""]
+    for r in smp["rows"]:
+        text = r["text"].strip("\n") or "(no text: end of text was the first token)"
+        lines += [f"**{r['label']}** (`{r['cell']}`):", "", "```", text, "```", ""]
+    return lines[:-1]
 
 
 def _mem_note(ad: list[dict[str, Any]]) -> str:
@@ -1093,39 +1194,86 @@ def render_plots(res: dict[str, Any], out_dir: Path) -> list[str]:
     plt.close(fig)
     written.append("methods.png")
 
-    fr = [e for e in res["frontier"] if _num(e["test_ppl"]) is not None]
-    fig, ax = plt.subplots(figsize=(7.5, 5))
-    styles = {"svd": ("#1f77b4", "o"), "whiten": ("#d62728", "s")}
-    for e in fr:
-        ppl = _num(e["test_ppl"])
-        if e["compress_method"] is None:
-            ax.scatter([e["size_mb"]], [ppl], marker="*", s=220, color="black", label="dense", zorder=3)
-            continue
-        color, marker = styles[e["compress_method"]]
-        ax.scatter([e["size_mb"]], [ppl], marker=marker, s=60, zorder=3,
-                   facecolors=color if e["recovery"] else "none", edgecolors=color,
-                   label=f"{e['compress_method']}{' + recovery' if e['recovery'] else ''}")
-        ax.annotate(f"{e['ratio']:g}", (e["size_mb"], ppl), textcoords="offset points", xytext=(5, 4), fontsize=8)
-    for method, (color, _) in styles.items():
-        for rec in (False, True):
-            pts = sorted((e["size_mb"], _num(e["test_ppl"])) for e in fr
-                         if e["compress_method"] == method and e["recovery"] == rec)
-            if len(pts) > 1:
-                ax.plot(*zip(*pts), color=color, lw=1, ls="-" if rec else "--", alpha=0.6)
-    handles, labels = ax.get_legend_handles_labels()
-    uniq = dict(zip(labels, handles))
-    if uniq:
-        ax.legend(uniq.values(), uniq.keys(), fontsize=8)
-    ax.set_yscale("log")
-    ax.set_xlabel("model size (MiB, every stored tensor)")
-    ax.set_ylabel("test perplexity (log scale)")
-    ax.set_title(f"size / quality frontier ({res['config']['preset']}); labels = compression ratio")
-    ax.grid(True, which="both", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(out_dir / "frontier.png", dpi=120)
-    plt.close(fig)
+    _frontier_plot(res, out_dir / "frontier.png", plt)
     written.append("frontier.png")
     return written
+
+
+FRONTIER_CLIP = 10.0  # frontier.png: points above this multiple of the dense perplexity sit at the top edge
+
+
+def frontier_points(res: dict[str, Any], clip: float = FRONTIER_CLIP) -> list[dict[str, Any]]:
+    """The frontier as plotted: per compressed cell, size, rel = test PPL / dense test PPL and y =
+    min(rel, clip) (`clipped` says where y < rel). Empty without a dense (`base`) perplexity."""
+    fr = [e for e in res["frontier"] if _num(e["test_ppl"]) is not None]
+    dense = next((e for e in fr if e["compress_method"] is None), None)
+    if dense is None:
+        return []
+    d = _num(dense["test_ppl"])
+    out = []
+    for e in fr:
+        rel = _num(e["test_ppl"]) / d
+        out.append({**e, "rel": rel, "y": min(rel, clip), "clipped": rel > clip})
+    return out
+
+
+def _frontier_plot(res: dict[str, Any], path: Path, plt) -> None:
+    """Size vs perplexity relative to dense on a linear axis cut at FRONTIER_CLIP x dense; points
+    above the cut are drawn on it as triangles (filled: recovered), their real ratios written
+    under it (collapsed plain SVD would otherwise squash the useful region into a sliver of a
+    log axis)."""
+    pts = frontier_points(res)
+    fig, ax = plt.subplots(figsize=(9.5, 5))
+    styles = {"svd": ("#1f77b4", "o", "plain SVD"), "whiten": ("#d62728", "s", "whitened SVD")}
+    clipped: dict[float, list[str]] = {}
+    for p in pts:
+        x, y = p["size_mb"], p["y"]
+        if p["compress_method"] is None:
+            ax.scatter([x], [1.0], marker="*", s=220, color="black", label="dense", zorder=3)
+            ax.annotate(f"dense: PPL {_f(_num(p['test_ppl']))}", (x, 1.0), textcoords="offset points",
+                        xytext=(0, 10), ha="center", fontsize=8)
+            continue
+        color, marker, name = styles[p["compress_method"]]
+        label = name + (" + recovery" if p["recovery"] else "")
+        face = color if p["recovery"] else "none"
+        if p["clipped"]:
+            ax.scatter([x], [y], marker="^", s=90, zorder=3, facecolors=face, edgecolors=color,
+                       label=label + f" (above {FRONTIER_CLIP:g}x)")
+            clipped.setdefault(x, []).append(f"{label} {p['ratio']:g}: {p['rel']:.3g}x")
+            continue
+        ax.scatter([x], [y], marker=marker, s=60, zorder=3, facecolors=face, edgecolors=color, label=label)
+        ax.annotate(f"{p['ratio']:g}: {p['rel']:.2f}x", (x, y), textcoords="offset points", xytext=(6, 4), fontsize=8)
+    for method, (color, _, _) in styles.items():
+        for rec in (False, True):
+            line = sorted((p["size_mb"], p["y"]) for p in pts
+                          if p["compress_method"] == method and p["recovery"] == rec and not p["clipped"])
+            if len(line) > 1:
+                ax.plot(*zip(*line), color=color, lw=1, ls="-" if rec else "--", alpha=0.6)
+    ax.axhline(1.0, color="black", lw=0.8, ls=":")
+    top = max([p["y"] for p in pts] + [1.5])
+    if clipped:
+        ax.axhline(FRONTIER_CLIP, color="grey", lw=0.8, ls="--")
+        for x, texts in clipped.items():
+            ax.annotate("\n".join(texts), (x, FRONTIER_CLIP), textcoords="offset points", xytext=(0, -14),
+                        ha="center", va="top", fontsize=7, color="#1f3f77",
+                        bbox=dict(boxstyle="round,pad=0.2", fc="white", ec="none", alpha=0.8))
+        top = FRONTIER_CLIP
+    ax.set_ylim(0.0, top * 1.06)
+    xs = [p["size_mb"] for p in pts]
+    if xs:
+        pad = 0.12 * (max(xs) - min(xs) or max(xs))
+        ax.set_xlim(min(xs) - pad, max(xs) + pad)
+    uniq = dict(zip(*reversed(ax.get_legend_handles_labels())))
+    if uniq:
+        ax.legend(uniq.values(), uniq.keys(), fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.set_xlabel("model size (MiB, every stored tensor)")
+    ax.set_ylabel("test perplexity / dense" + (f" (axis cut at {FRONTIER_CLIP:g}x)" if clipped else ""))
+    ax.set_title(f"size / quality frontier ({res['config']['preset']}); labels: ratio: perplexity vs dense",
+                 fontsize=10)
+    ax.grid(True, alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
 
 
 # ----------------------------------------------------------------------------------------------

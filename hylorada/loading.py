@@ -6,7 +6,8 @@
   into a plain safetensors transformers folder in the cache (`<cache>/models/<alias>/`), so
   later loads take about a second instead of ~20 s;
 - a local transformers folder (has `config.json`);
-- a local `.gguf` file (dequantized by transformers; needs the `gguf` package);
+- a local `.gguf` file (dequantized by transformers, needs the `gguf` package; converted once
+  into `<cache>/models/gguf-<sha256 of the file>/` the same way, see `gguf_folder`);
 - a hub id such as `HuggingFaceTB/SmolLM2-135M` (only where a hub is reachable).
 
 The model is returned in eval mode, on `device`, with weights in `dtype`.
@@ -88,8 +89,10 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m", dtype: torch.dt
         path = Path(name).expanduser()
         if not path.is_file():
             raise FileNotFoundError(f"no such GGUF file: {path}")
-        model, tokenizer = _load_gguf(path, dtype)
-        check_tokenizer_roundtrip(tokenizer, str(path))
+        folder = gguf_folder(path)  # dequantized once, cached by the file's sha256
+        model = _from_pretrained_strict(folder, dtype=dtype)
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        check_tokenizer_roundtrip(tokenizer, f"{path} (converted to {folder})")
     else:
         if Path(name).exists() or name.startswith((".", "/", "~")):
             raise FileNotFoundError(f"{name!r} is neither a model folder nor a .gguf file")
@@ -260,18 +263,43 @@ def converted_folder(alias: str = "smollm2-135m", *, verify: bool = True) -> Pat
     """
     if alias not in MODEL_ALIASES:
         raise KeyError(f"unknown model alias {alias!r}; known: {sorted(MODEL_ALIASES)}")
+    asset_key, member = MODEL_ALIASES[alias]
+    return _cached_conversion(alias, lambda: assets.fetch_member(asset_key, member), verify=verify,
+                              stamp={"alias": alias, "source": member,
+                                     "source_sha256": assets.get_asset(asset_key).members[member]})
+
+
+def gguf_folder(path: str | os.PathLike, *, verify: bool = True) -> Path:
+    """The cached plain safetensors folder of the GGUF file at `path`, converting it on first use.
+
+    The cache key is the sha256 of the file's bytes (`<cache>/models/gguf-<sha256>/`), so a file
+    that is renamed or moved is found again, and a file changed in place is converted anew.
+    Conversion, stamp, verification, lock and atomic rename are those of `converted_folder`.
+    Hashing reads the whole file (about a second per GB); converting dequantizes it (tens of
+    seconds), once.
+    """
+    path = Path(path).expanduser().resolve()
+    digest = assets.sha256_file(path)
+    return _cached_conversion(f"gguf-{digest}", lambda: path, verify=verify,
+                              stamp={"source": str(path), "source_sha256": digest})
+
+
+def _cached_conversion(name: str, source, *, verify: bool, stamp: dict) -> Path:
+    """`<cache>/models/<name>`: the GGUF returned by `source()` as a float32 safetensors folder
+    with its tokenizer and a stamp (`stamp` + the files' sizes and sha256s), written last. Built
+    under one lock per name in a temporary folder renamed into place; reused while it matches its
+    stamp."""
     root = assets.cache_dir() / "models"
     root.mkdir(parents=True, exist_ok=True)
-    folder = root / alias
+    folder = root / name
     if _folder_ok(folder, full=verify):
         return folder
-    with assets.file_lock(root / f".{alias}.lock"):
+    with assets.file_lock(root / f".{name}.lock"):
         if _folder_ok(folder, full=verify):  # another process converted it meanwhile
             return folder
         if folder.exists():
             log.warning("cached model folder %s is incomplete or corrupt; converting again", folder)
-        asset_key, member = MODEL_ALIASES[alias]
-        gguf = assets.fetch_member(asset_key, member)
+        gguf = source()
         t0 = time.perf_counter()
         log.info("converting %s to a safetensors folder (once; ~30 s on CPU)", gguf.name)
         model, tokenizer = _load_gguf(gguf, torch.float32)
@@ -280,9 +308,6 @@ def converted_folder(alias: str = "smollm2-135m", *, verify: bool = True) -> Pat
         with atomic_output_dir(folder, kind="converted", checked=True) as tmp:  # replaces a corrupt one
             plain.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
-            stamp = {"alias": alias, "source": member,
-                     "source_sha256": assets.get_asset(asset_key).members[member],
-                     "files": _stamp_of(tmp)}
-            (tmp / STAMP).write_text(json.dumps(stamp, indent=1))
+            (tmp / STAMP).write_text(json.dumps({**stamp, "files": _stamp_of(tmp)}, indent=1))
         log.info("converted in %.1f s -> %s", time.perf_counter() - t0, folder)
     return folder

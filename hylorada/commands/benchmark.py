@@ -1,6 +1,7 @@
 """`hylorada benchmark`: methods at matched budgets over seeds, and the size/quality frontier.
 
-    hylorada benchmark                                  # preset cpu-quick, out runs/benchmark-cpu-quick
+    hylorada benchmark                                  # preset quick (~5 min on 2 CPU cores), out runs/benchmark-quick
+    hylorada benchmark --preset cpu-quick               # every method and plain SVD too (~15 min on 2 cores)
     hylorada benchmark --preset full --only 'adapt-*-s0' --out runs/full     # one piece of a long run
     hylorada benchmark --preset full --out runs/full --list                  # cell ids and status
     hylorada benchmark --preset full --out runs/full --report-only           # rebuild from cells/
@@ -18,12 +19,14 @@ from .data_args import SOURCES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..benchmark import PRESETS
+    from ..benchmark import DEFAULT_PRESET, PRESETS
 
     p = subparsers.add_parser("benchmark", help="adaptation table at matched budgets + compression frontier",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="cpu-quick", choices=sorted(PRESETS),
-                   help="run size (default: %(default)s, ~15 min on a 2-core CPU; full: one H100)")
+    p.add_argument("--preset", default=DEFAULT_PRESET, choices=sorted(PRESETS),
+                   help="run size (default: %(default)s: compress 20%% whitened, recover, LoRA and HyLoRADA, "
+                        "a sample generation, ~5 min on a 2-core CPU; cpu-quick: every method, ~15 min; "
+                        "full: one H100)")
     p.add_argument("--model", default=None, help="model alias, folder or .gguf (default: smollm2-135m)")
     p.add_argument("--data", default=None, help=f"{SOURCES}; text column 'text' (default: shakespeare)")
     p.add_argument("--seeds", type=int, default=None, help="number of seeds (0..N-1) per adaptation row")
@@ -92,6 +95,7 @@ def run(args: argparse.Namespace) -> int:
     print(f"\n{out}/results.md:\n")
     with open(f"{out}/results.md") as fh:
         print(fh.read())
+    print(f"wrote {out}/results.md, results.json, methods.png, frontier.png")
     if res["pending"]:
         print(f"{len(res['pending'])} cell(s) pending; rerun the same command to continue.")
     return 0

@@ -308,10 +308,10 @@ def run(args: argparse.Namespace) -> int:
         timings["recover_s"] = time.perf_counter() - t
         print(f"  recovery: {recovery['method']} r={recovery['lora_rank']}, {args.recover_steps} steps "
               f"({recovery['schedule']}), size {recovery['bytes_before'] / 2**20:.1f} -> "
-              f"{recovery['bytes_after'] / 2**20:.1f} MB")
+              f"{recovery['bytes_after'] / 2**20:.1f} MiB")
         measure("recovered")
     size_after = model_size(model).n_bytes
-    print(f"  model size: {size_dense / 2**20:.1f} MB dense -> {size_after / 2**20:.1f} MB")
+    print(f"  model size: {size_dense / 2**20:.1f} MiB dense -> {size_after / 2**20:.1f} MiB")
 
     results = {"command": "compress", "argv": sys.argv, "args": {k: v for k, v in vars(args).items() if k != "func"},
                "report": report.to_dict(), "window_prefix": window_prefix, "perplexity": ppl, "recovery": recovery,

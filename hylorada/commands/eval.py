@@ -118,7 +118,7 @@ def run(args: argparse.Namespace) -> int:
         ("scored tokens", f"{ppl['n_tokens']:,}"),
         ("perplexity", f"{ppl['ppl']:.4f}"),
         ("NLL / token", f"{ppl['nll']:.5f} nats"),
-        ("model size", f"{size.n_bytes / 2**20:.1f} MB, {size.n_params:,} parameters"),
+        ("model size", f"{size.n_bytes / 2**20:.1f} MiB, {size.n_params:,} parameters"),
         ("load / data / eval", f"{timings['load_s']:.1f} s / {timings['data_s']:.1f} s / {timings['eval_s']:.1f} s"),
     ]
     if lim is not None:

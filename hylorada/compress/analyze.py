@@ -95,7 +95,9 @@ class Analysis:
         if w:
             head += f" whitened k{es} | whitened energy @20% |"
             sep += "---:|---:|"
-        lines = [head, sep]
+        warnings = [n for n in self.notes if n.startswith("WARNING")]  # shown above the long table
+        lines = [*warnings, ""] if warnings else []
+        lines += [head, sep]
 
         def fmt(ranks: dict, be: float) -> str:
             return " / ".join(f"{k}{'*' if k >= be else ''}" for k in ranks.values())
@@ -128,7 +130,7 @@ class Analysis:
             lines.append(row)
         if self.calib_tokens:
             lines += ["", f"Whitened with {self.calib_tokens:,} calibration tokens."]
-        lines += [f"- {n}" for n in self.notes]
+        lines += [f"- {n}" for n in self.notes if n not in warnings]
         return "\n".join(lines) + "\n"
 
     def plot(self, path) -> None:
@@ -203,4 +205,20 @@ def analyze_model(model: nn.Module, calibration=None, target_modules: list[str] 
             notes.append(f"{name}: no calibration tokens reached it")
         layers.append(LayerSpectrum(name, d_in, d_out, plain.cpu(), None if whitened is None else whitened.cpu()))
     tokens = max((g.n_tokens for g in grams.values()), default=0)
+    short = [(name, grams[name].n_tokens, l.d_in) for name, l in zip(targets, layers)
+             if l.whitened is not None and grams[name].n_tokens < l.d_in]
+    if short:
+        notes.append(few_tokens_note(short, len(layers)))
     return Analysis(layers, tokens, model_name, notes)
+
+
+def few_tokens_note(short: list[tuple[str, int, int]], n_layers: int) -> str:
+    """One warning for the layers whose calibration saw fewer tokens than input features
+    (`short`: (layer, tokens, d_in)): their G = XᵀX/N has rank <= tokens, so W·L has at most
+    `tokens` non-zero singular values and every energy share at a rank >= tokens reads 100%."""
+    t = min(n for _, n, _ in short)
+    d = max(d for _, _, d in short)
+    return (f"WARNING: {len(short)} of {n_layers} layers saw fewer calibration tokens ({t:,}) than input "
+            f"features (up to {d:,}), e.g. {short[0][0]}: their whitened spectra have at most that many "
+            "non-zero values, so their whitened ranks and energies (up to 100%) describe the calibration "
+            f"tokens, not the layer. Use at least several times {d:,} tokens (--calib-blocks x --calib-seq-len).")

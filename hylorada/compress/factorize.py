@@ -32,7 +32,7 @@ from .config import CompressConfig
 from .factorized import FactorizedLinear
 from .ranks import (LayerSpec, RankDecision, break_even_rank, decide_ranks, dense_params,
                     factorized_params, find_override, resolve_budget, round_to_multiple)
-from .report import CompressReport, LayerReport
+from .report import CompressReport, LayerReport, thin_calibration_note
 from .sequential import GroupStats, forward_groups, stream_stats
 from .svd import factors_from_svd, truncated_svd
 from .targets import find_target_layers, set_module, stored_size
@@ -52,6 +52,7 @@ class _Run:
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
     noted: set = field(default_factory=set)
+    thin: dict = field(default_factory=dict)  # layer -> (calibration tokens, d_in), tokens < 4·d_in
 
     @contextlib.contextmanager
     def timed(self, key: str):
@@ -112,6 +113,8 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
         reports, tokens = _compress_sequential(run, calibration)
     else:
         reports, tokens = _compress_dense(run, calibration, grams)
+    if run.thin:
+        run.notes.append(thin_calibration_note(run.thin, len(targets)))
     after = stored_size(model)
     return CompressReport(
         method=config.method, config=config.to_dict(), layers=reports,
@@ -155,10 +158,8 @@ def _whitening(run: _Run, name: str, gram: Gram | None) -> Whitening | None:
         run.note_once(name, f"{name}: no calibration tokens reached it; plain SVD used")
         return None
     d_in = gram.G.shape[0]
-    if gram.n_tokens < 4 * d_in:
-        run.note_once(name, f"{name}: only {gram.n_tokens:,} calibration tokens for {d_in} input "
-                      "features; the whitening sees too small a subspace (use more calibration "
-                      "tokens, at least several times d_in)")
+    if gram.n_tokens < 4 * d_in:  # one note for all such layers (report.thin_calibration_note)
+        run.thin[name] = (gram.n_tokens, d_in)
     return whitening_factor(gram.G.to(cfg.torch_compute_dtype), cfg.whiten_method, cfg.jitter)
 
 

@@ -82,9 +82,9 @@ class CompressReport:
         return (f"{self.method}: {self.n_factorized} layers factorised, {self.n_dense} kept dense; "
                 f"target linears {self.target_params_before:,} -> {self.target_params_after:,} params "
                 f"({100 * self.target_ratio:.2f}% removed, {self.target_bytes_before / mb:.1f} -> "
-                f"{self.target_bytes_after / mb:.1f} MB); whole model {self.model_params_before:,} -> "
+                f"{self.target_bytes_after / mb:.1f} MiB); whole model {self.model_params_before:,} -> "
                 f"{self.model_params_after:,} params ({100 * self.model_ratio:.2f}% removed, "
-                f"{self.model_bytes_before / mb:.1f} -> {self.model_bytes_after / mb:.1f} MB)")
+                f"{self.model_bytes_before / mb:.1f} -> {self.model_bytes_after / mb:.1f} MiB)")
 
     def to_markdown(self) -> str:
         mb = 1024 ** 2
@@ -105,7 +105,7 @@ class CompressReport:
                          f"{note} |")
         lines += [
             "",
-            "| total | params before | params after | removed | MB before | MB after |",
+            "| total | params before | params after | removed | MiB before | MiB after |",
             "|---|---:|---:|---:|---:|---:|",
             f"| target linears | {self.target_params_before:,} | {self.target_params_after:,} | "
             f"{100 * self.target_ratio:.2f}% | {self.target_bytes_before / mb:.2f} | "
@@ -121,3 +121,16 @@ class CompressReport:
         ]
         lines += [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+
+def thin_calibration_note(thin: dict[str, tuple[int, int]], n_layers: int) -> str:
+    """One note for every layer whose whitening saw fewer than 4·d_in calibration tokens
+    (`thin`: layer -> (tokens, d_in)), with the layer count per (tokens, d_in)."""
+    groups: dict[tuple[int, int], int] = {}
+    for key in thin.values():
+        groups[key] = groups.get(key, 0) + 1
+    detail = "; ".join(f"{n} layer(s) with {t:,} tokens for {d} input features"
+                       for (t, d), n in sorted(groups.items(), key=lambda kv: kv[0][1]))
+    return (f"{len(thin)} of {n_layers} layers saw fewer calibration tokens than 4 x their input "
+            f"features ({detail}, e.g. {next(iter(thin))}): the whitening sees too small a subspace; "
+            "use more calibration tokens, at least several times d_in")
