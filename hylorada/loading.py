@@ -32,7 +32,7 @@ from pathlib import Path
 import torch
 
 from . import assets
-from .utils.io import atomic_output_dir, clean_stale
+from .utils.io import atomic_output_dir, clean_stale, json_field
 
 log = logging.getLogger(__name__)
 
@@ -168,19 +168,11 @@ def _load_folder(folder: Path, dtype: torch.dtype):
         model = load_compressed(folder, dtype=dtype)
         # the config.json of a compressed folder is a marker: give the tokenizer the real config
         return model, AutoTokenizer.from_pretrained(folder, config=model.config)
-    if _json_key(folder / "config.json", "model_type") == "hylorada_compressed":
+    if json_field(folder / "config.json", "model_type") == "hylorada_compressed":
         from .errors import HyloradaError
         raise HyloradaError(f"{folder}: a hylorada compressed folder without compress.json (incomplete "
                             "copy?); copy the whole folder again")
     return _from_pretrained_strict(folder, dtype=dtype), AutoTokenizer.from_pretrained(folder)
-
-
-def _json_key(path: Path, key: str):
-    try:
-        doc = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return None
-    return doc.get(key) if isinstance(doc, dict) else None
 
 
 def _from_pretrained_strict(source, **kwargs):

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import math
 
+from .errors import UsageError
+
 import torch
 import torch.nn.functional as F
 
@@ -29,10 +31,10 @@ def check_loss(loss, temperature, loss_field: str = "loss",
                temperature_field: str = "kd_temperature") -> None:
     """ValueError naming the field unless loss is in LOSSES and temperature a finite number > 0."""
     if loss not in LOSSES:
-        raise ValueError(f"{loss_field} must be one of {LOSSES}, got {loss!r}")
+        raise UsageError(f"{loss_field} must be one of {LOSSES}, got {loss!r}")
     ok = isinstance(temperature, (int, float)) and not isinstance(temperature, bool)
     if not ok or not math.isfinite(temperature) or temperature <= 0:
-        raise ValueError(f"{temperature_field} must be a finite number > 0, got {temperature!r}")
+        raise UsageError(f"{temperature_field} must be a finite number > 0, got {temperature!r}")
 
 
 def counted_positions(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:

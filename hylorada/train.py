@@ -559,7 +559,7 @@ def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
     moved to the training device).
     """
     if config.loss != "lm" and teacher is None:
-        raise ValueError(f"TrainConfig.loss={config.loss!r} needs a teacher model: train(..., teacher=dense)")
+        raise UsageError(f"TrainConfig.loss={config.loss!r} needs a teacher model: train(..., teacher=dense)")
     t_start = time.perf_counter()
     owns_accelerator = accelerator is None
     core = model

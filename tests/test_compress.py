@@ -696,3 +696,18 @@ def test_bf16_load_keeps_inv_freq_fp32_and_matches_transformers(tiny_assets, tmp
     with torch.no_grad():
         for n, p in fp32.named_parameters():
             assert torch.equal(loaded.get_parameter(n), p.to(torch.bfloat16)), n
+
+
+def test_recovery_skips_factors_of_rank_below_the_adapter_rank():
+    """A loss/sensitivity allocation can leave a factor of rank 1; HyLoRADA's orthogonal A
+    cannot have more rows than that factor's input (up: d_in = rank), which crashed recovery
+    (measured on SmolLM2, allocate='loss' at 20%). Such factors are skipped and listed."""
+    model = tiny_llama()
+    compress_model(model, CompressConfig(method="svd", ratio=0.3,
+                                         overrides={"layers.0.self_attn.q_proj": 2}))
+    assert model.model.layers[0].self_attn.q_proj.rank == 2
+    summary = recover_compressed(model, _blocks(), method="hylorada", steps=2, lora_rank=4,
+                                 train_config=_TRAIN)
+    assert summary["skipped_small_factors"] == ["model.layers.0.self_attn.q_proj.up",
+                                                "model.layers.0.self_attn.q_proj.down"]
+    assert [p["phase"] for p in summary["phases"]] == ["up", "down"]

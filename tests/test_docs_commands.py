@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_assets
+from conftest import make_tiny_assets, tiny_llama
 from test_gguf_cache import write_tiny_gguf
 
 README = Path(__file__).resolve().parents[1] / "README.md"
@@ -35,7 +35,8 @@ def workspace(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     torch.set_num_threads(1)
     folder, _ = make_tiny_assets(tmp_path)
-    write_tiny_gguf(tmp_path / "tiny.gguf")
+    tiny_llama(max_position_embeddings=1024).save_pretrained(folder)  # the README's 512-token windows
+    write_tiny_gguf(tmp_path / "tiny.gguf", context=1024)
     rng = random.Random(0)
     corpus = tmp_path / "corpus.jsonl"
     words = [f"w{i}" for i in range(30)]

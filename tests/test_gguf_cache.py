@@ -17,7 +17,7 @@ from hylorada import loading
 pytest.importorskip("gguf")
 
 
-def write_tiny_gguf(path, seed: int = 0) -> None:
+def write_tiny_gguf(path, seed: int = 0, context: int = 64) -> None:
     """A float32 Llama GGUF (hidden 16, 2 layers) whose byte-level tokenizer round-trips text."""
     import gguf
     import numpy as np
@@ -27,7 +27,7 @@ def write_tiny_gguf(path, seed: int = 0) -> None:
     tokens = ["<unk>", "<s>", "</s>", *sorted(pre_tokenizers.ByteLevel.alphabet())]
     V, H, I, L = len(tokens), 16, 32, 2
     w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(64), w.add_embedding_length(H), w.add_block_count(L)
+    w.add_context_length(context), w.add_embedding_length(H), w.add_block_count(L)
     w.add_feed_forward_length(I), w.add_head_count(2), w.add_head_count_kv(2)
     w.add_layer_norm_rms_eps(1e-5), w.add_rope_freq_base(10000.0), w.add_vocab_size(V)
     w.add_tokenizer_model("gpt2"), w.add_tokenizer_pre("default"), w.add_token_list(tokens)

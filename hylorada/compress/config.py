@@ -195,17 +195,17 @@ class CompressConfig:
         for name, allowed in (("allocate", ALLOCATIONS), ("calibrate", CALIBRATIONS),
                               ("update", UPDATES)):
             if getattr(self, name) not in allowed:
-                raise ValueError(f"CompressConfig.{name} must be one of {allowed}, "
+                raise UsageError(f"CompressConfig.{name} must be one of {allowed}, "
                                  f"got {getattr(self, name)!r}")
         if self.allocate != "uniform" and self.policy != "ratio":
-            raise ValueError(f"CompressConfig.allocate={self.allocate!r} shares the budget of the ratio "
+            raise UsageError(f"CompressConfig.allocate={self.allocate!r} shares the budget of the ratio "
                              f"policy: set ratio, not {self.policy}")
         if self.calibrate == "sequential" and self.method != "whiten" and self.update != "lstsq":
-            raise ValueError("CompressConfig.calibrate='sequential' changes the whitening and the "
+            raise UsageError("CompressConfig.calibrate='sequential' changes the whitening and the "
                              "update only: use it with method='whiten' or update='lstsq'")
         if (not isinstance(self.sensitivity_blocks, int) or isinstance(self.sensitivity_blocks, bool)
                 or self.sensitivity_blocks < 1):
-            raise ValueError(f"CompressConfig.sensitivity_blocks must be an int >= 1, "
+            raise UsageError(f"CompressConfig.sensitivity_blocks must be an int >= 1, "
                              f"got {self.sensitivity_blocks!r}")
         check_loss(self.recover_loss, self.kd_temperature, "CompressConfig.recover_loss",
                    "CompressConfig.kd_temperature")

@@ -157,10 +157,15 @@ def _whitening(run: _Run, name: str, gram: Gram | None) -> Whitening | None:
     if gram is None or gram.n_tokens == 0:
         run.note_once(name, f"{name}: no calibration tokens reached it; plain SVD used")
         return None
-    d_in = gram.G.shape[0]
-    if gram.n_tokens < 4 * d_in:  # one note for all such layers (report.thin_calibration_note)
-        run.thin[name] = (gram.n_tokens, d_in)
     return whitening_factor(gram.G.to(cfg.torch_compute_dtype), cfg.whiten_method, cfg.jitter)
+
+
+def _record_thin(run: _Run, names, gram: Gram | None) -> None:
+    """Remember the layers whose Gram saw fewer than 4·d_in tokens (one note for all of them at
+    the end: report.thin_calibration_note)."""
+    if gram is not None and 0 < gram.n_tokens < 4 * gram.G.shape[0]:
+        for name in names:
+            run.thin[name] = (gram.n_tokens, gram.G.shape[0])
 
 
 class _DenseWhitenings:
@@ -173,6 +178,8 @@ class _DenseWhitenings:
 
     def get(self, name: str) -> Whitening | None:
         g = self.grams.get(name)
+        if self.run.config.method == "whiten":
+            _record_thin(self.run, [name], g)
         if g is None or id(g) not in self.factors:
             wh = _whitening(self.run, name, g)
             if g is None:
@@ -198,6 +205,8 @@ def _streamed_pairs(run: _Run, groups: list[list[str]], calibration):
     for stats in stream_stats(run.model, groups, calibration, cfg.calib_batch_size,
                               cfg.calib_blocks, cfg.calib_seq_len):
         wh = _whitening(run, stats.names[0], stats.gram)
+        if cfg.method == "whiten":
+            _record_thin(run, stats.names, stats.gram)
         for name in stats.names:
             yield name, wh
 
@@ -297,6 +306,8 @@ def _compress_sequential(run: _Run, calibration) -> tuple[list[LayerReport], int
         tokens = max(tokens, stats.gram.n_tokens)
         with run.timed("factorize_s"):
             wh = _whitening(run, names[0], stats.gram)
+            if run.config.method == "whiten":
+                _record_thin(run, names, stats.gram)
             for name in names:
                 reports[name] = factorize_layer(run, name, decisions.get(name), wh, stats)
     del reference

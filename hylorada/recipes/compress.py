@@ -13,6 +13,7 @@ import time
 from torch import nn
 
 from ..compress.api import RECOVER_SCHEDULES, RECOVER_TARGETS
+from ..layers import in_out_features
 from ..compress.targets import factorized_layers, stored_size
 from ..config import HyLoRADAConfig
 from ..losses import check_loss
@@ -83,6 +84,12 @@ def recover_compressed(model: nn.Module, train_blocks: dict, *, method: str = "h
     t0 = time.perf_counter()
     for phase, names, n_steps in phases:
         if n_steps < 1:
+            continue
+        small = [n for n in names if min(in_out_features(model.get_submodule(n))) < lora_rank]
+        names = [n for n in names if n not in small]  # a factor of rank < r: nothing to add there
+        if small:
+            summary.setdefault("skipped_small_factors", []).extend(small)
+        if not names:
             continue
         wrapped = HyLoRADAModel(model, HyLoRADAConfig(**acfg), target_names=names)
         tcfg = TrainConfig(**{"steps": n_steps, "loss": loss, "kd_temperature": kd_temperature,

@@ -62,7 +62,8 @@ def read_stamp(folder: Path) -> dict | None:
     return doc if isinstance(doc, dict) and doc.get("written_by") == "hylorada" else None
 
 
-def _json_field(path: Path, key: str):
+def json_field(path: Path, key: str):
+    """doc[key] of the JSON object in `path`; None if unreadable, not an object, or absent."""
     try:
         doc = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -77,11 +78,11 @@ def ours(folder: str | os.PathLike) -> str | None:
     stamp = read_stamp(folder)
     if stamp is not None:
         return str(stamp.get("kind"))
-    if _json_field(folder / "compress.json", "format") == "hylorada.compressed":
+    if json_field(folder / "compress.json", "format") == "hylorada.compressed":
         return "compressed"
-    if _json_field(folder / "adapter_config.json", "format") == "hylorada":
+    if json_field(folder / "adapter_config.json", "format") == "hylorada":
         return "adapter"
-    if (_json_field(folder / "finetune.json", "command") == "finetune"
+    if (json_field(folder / "finetune.json", "command") == "finetune"
             or (folder / "checkpoint-last" / "trainer_state.json").is_file()):
         return "finetune"
     cells = folder / "cells"
