@@ -186,7 +186,7 @@ def bench_train(base, args, device, ids, rows):
 
     errs = check_outputs(base, args, device, ids)
     modes = args.modes.split(",")
-    cells = [(mode, dropout, method) for mode in modes for dropout in (0.0, 0.05)
+    cells = [(mode, dropout, method) for mode in modes for dropout in map(float, args.dropouts.split(","))
              for method in ("peft-lora", "peft-dora", "lora", "dora", "hylorada", "lorada")
              if not (mode == "compiled" and method in args.skip_compiled.split(","))]
     for mode, dropout, method in cells:
@@ -283,6 +283,7 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="train,merge,compress,compressed")
     ap.add_argument("--modes", default="eager,compiled", help="train part: eager and/or compiled (torch.compile(model))")
     ap.add_argument("--skip-compiled", default="", help="methods not to compile, e.g. peft-dora")
+    ap.add_argument("--dropouts", default="0,0.05", help="train part: adapter dropouts (default: %(default)s)")
     ap.add_argument("--out", default="perf.json")
     args = ap.parse_args(argv)
     device = args.device
