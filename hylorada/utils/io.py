@@ -80,7 +80,8 @@ def ours(folder: str | os.PathLike) -> str | None:
         return str(stamp.get("kind"))
     if json_field(folder / "compress.json", "format") == "hylorada.compressed":
         return "compressed"
-    if json_field(folder / "adapter_config.json", "format") == "hylorada":
+    if any(json_field(folder / n, "format") == "hylorada"
+           for n in ("hylorada_adapter.json", "adapter_config.json")):  # current, legacy name
         return "adapter"
     if (json_field(folder / "finetune.json", "command") == "finetune"
             or (folder / "checkpoint-last" / "trainer_state.json").is_file()):
