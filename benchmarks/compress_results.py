@@ -35,7 +35,8 @@ import torch
 from hylorada import evaluate
 from hylorada.commands.compress import env_info, evaluate_corpora, recovery_blocks
 from hylorada.compress import CompressConfig, compress_model
-from hylorada.compress.api import find_target_layers, recover_compressed
+from hylorada.compress.api import find_target_layers
+from hylorada.recipes.compress import recover_compressed
 from hylorada.compress.whiten import calibration_blocks, collect_grams
 from hylorada.loading import load_model
 

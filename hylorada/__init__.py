@@ -16,7 +16,7 @@ _LAZY = {
     "compress_model": "hylorada.compress",
     "save_compressed": "hylorada.compress",
     "load_compressed": "hylorada.compress",
-    "FactorizedLinear": "hylorada.compress.factorized",
+    "FactorizedLinear": "hylorada.nn.factorized",
     "load_model": "hylorada.loading",
     "TrainConfig": "hylorada.train",
     "train": "hylorada.train",

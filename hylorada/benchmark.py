@@ -11,7 +11,7 @@ Two groups of *cells* (each cell is one measured thing, stored on its own):
   row has the same scale s = alpha / r.
 - frontier (`base`, `frontier-<svd|whiten>-<ratio>[-rec]`): the dense model, then the model
   compressed at each ratio with plain or whitened SVD, without and with recovery fine-tuning
-  (`hylorada.compress.recover_compressed`: adapters on the factors, merged back, rank kept):
+  (`hylorada.recipes.compress.recover_compressed`: adapters on the factors, merged back, rank kept):
   size vs test perplexity.
 
 Resume: a finished cell is written atomically to `<out>/cells/<cell id>.json` together with a
@@ -784,7 +784,7 @@ class CellRunner:
         return copy.deepcopy(model), rep
 
     def run_frontier(self, spec: dict[str, Any]) -> dict[str, Any]:
-        from .compress import recover_compressed
+        from .recipes.compress import recover_compressed
         from .evaluate import model_size
 
         model, rep = self._compressed(spec)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from .compress.factorized import FactorizedLinear
+from .nn.factorized import FactorizedLinear
 
 LINEAR_TYPES = (nn.Linear, Conv1D, FactorizedLinear)
 

@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from . import assets
+from .nn.cast import cast_weights  # noqa: F401 (also hylorada.loading.cast_weights)
 from .utils.io import atomic_output_dir, clean_stale, json_field
 
 log = logging.getLogger(__name__)
@@ -109,22 +110,6 @@ def load_model(name_or_path: str | os.PathLike = "smollm2-135m", dtype: torch.dt
     model.eval()
     log.info("loaded %s in %.1f s", name, time.perf_counter() - t0)
     return model, tokenizer
-
-
-def cast_weights(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
-    """Cast every floating parameter and persistent buffer to `dtype`, in place; non-persistent
-    floating buffers keep their dtype. transformers builds RoPE's `inv_freq` in float32 whatever
-    the model dtype (`from_pretrained(dtype=bf16)` keeps it so); `model.to(bf16)` would round it
-    to bf16 and shift every rotary angle (by ~1 radian at position 1000)."""
-    for module in model.modules():
-        for name, p in module.named_parameters(recurse=False):
-            if p.is_floating_point() and p.dtype != dtype:
-                p.data = p.data.to(dtype)
-        keep = module._non_persistent_buffers_set
-        for name, b in module.named_buffers(recurse=False):
-            if b.is_floating_point() and b.dtype != dtype and name not in keep:
-                setattr(module, name, b.to(dtype))
-    return model
 
 
 def check_tokenizer_roundtrip(tokenizer, source: str, sample: str = ROUNDTRIP_SAMPLE) -> None:

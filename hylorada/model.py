@@ -19,7 +19,7 @@ from torch import nn
 from .adapters import ADAPTER_CLASSES, AdapterLayer
 from .adapters.dora import direct_weight_norm
 from .adapters.lorada import QueryNormTemperature, find_query_norm
-from .compress.factorized import FactorizedLinear
+from .nn.factorized import FactorizedLinear
 from .errors import HyloradaError
 from .config import ALL_LINEAR, ATTENTION_TARGETS, HyLoRADAConfig
 from .errors import UsageError

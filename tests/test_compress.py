@@ -11,8 +11,9 @@ from transformers.pytorch_utils import Conv1D
 
 from conftest import FACTORIES, VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
 from hylorada.compress import FactorizedLinear
+from hylorada.recipes.compress import recover_compressed
 from hylorada.compress.api import (CompressReport, compress_model, find_target_layers,
-                                   load_compressed, recover_compressed, save_compressed,
+                                   load_compressed, save_compressed,
                                    stored_size)
 from hylorada.compress.config import CompressConfig
 from hylorada.compress.ranks import (LayerSpec, allocate_budget, decide_ranks, rank_for_energy,

@@ -20,7 +20,7 @@ from torch import nn
 
 from transformers.pytorch_utils import Conv1D
 
-from ..compress.factorized import FactorizedLinear
+from ..nn.factorized import FactorizedLinear
 from ..config import HyLoRADAConfig
 from ..layers import dense_weight, forward_no_bias, in_out_features, set_dense_weight
 from .fused import LowRankLinear, dropout_with_mask

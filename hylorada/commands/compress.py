@@ -16,7 +16,7 @@ of each --eval corpus, "\\n\\n"-joined, --eval-seq-len windows, the first --max-
 tokens, before and after compression (and after recovery). --window-prefix auto|bos|none
 (default auto: when the tokenizer adds a BOS by default) starts every calibration block,
 recovery block and perplexity window with BOS; results.json records the resolved value. Recovery trains adapters on the
-factors (hylorada.compress.api.recover_compressed) and merges them back; the rank stays k.
+factors (hylorada.recipes.compress.recover_compressed) and merges them back; the rank stays k.
 
 Writes --out atomically (a temporary sibling renamed into place; an existing path is refused
 unless it is a previous hylorada output and --overwrite is given): config.json (a marker that
@@ -215,7 +215,7 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..compress import CompressConfig, compress_model, save_compressed
-    from ..compress.api import recover_compressed
+    from ..recipes.compress import recover_compressed
     from ..compress.whiten import calibration_blocks
     from ..evaluate import jsonable, model_size
     from ._common import as_flags, check_compress_targets, check_out_dir, check_positions, load_docs, load_model_checked

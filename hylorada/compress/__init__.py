@@ -2,8 +2,8 @@
 
     from hylorada.compress import CompressConfig, compress_model, save_compressed, load_compressed
 
-FactorizedLinear is imported eagerly (hylorada.layers needs it); everything else on first use,
-which keeps `hylorada.layers` -> `hylorada.compress.factorized` free of import cycles.
+FactorizedLinear (hylorada/nn/factorized.py) is imported eagerly; everything else on first use.
+Recovery after compression is a recipe: hylorada.recipes.compress.recover_compressed.
 """
 from __future__ import annotations
 
@@ -27,7 +27,6 @@ _LAZY = {
     "decide_ranks": "ranks",
     "break_even_rank": "ranks",
     "analyze_model": "analyze",
-    "recover_compressed": "api",
 }
 
 __all__ = ["FactorizedLinear", *_LAZY]

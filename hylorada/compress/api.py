@@ -158,7 +158,7 @@ def load_compressed(directory: str | os.PathLike, dtype: torch.dtype | str | Non
                                                   dtype=build))
     _load_weights_strict(model, weights, saved_dtypes)
     if dtype is not None:
-        from ..loading import cast_weights
+        from ..nn.cast import cast_weights
         cast_weights(model, dtype)
     if device is not None:
         model.to(device)
@@ -209,9 +209,3 @@ def _load_weights_strict(model: nn.Module, weights: Path, saved_dtypes: dict) ->
 # --------------------------------------------------------------------------------------------
 RECOVER_SCHEDULES = ("sequential", "joint")
 RECOVER_TARGETS = ("factors", "layers")
-
-
-def recover_compressed(model: nn.Module, train_blocks: dict, **kwargs) -> dict:
-    """hylorada.recipes.compress.recover_compressed (see there)."""
-    from ..recipes.compress import recover_compressed as recover
-    return recover(model, train_blocks, **kwargs)
