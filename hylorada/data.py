@@ -437,20 +437,23 @@ def _local_dataset(builder: str, files: Sequence[Path]):
             return datasets.load_dataset(builder, data_files=[str(f) for f in files], split="train",
                                          cache_dir=str(assets.cache_dir() / "datasets"))
         except Exception as e:
-            where = next(filter(None, map(_bad_json_line, files)), None) if builder == "json" else None
-            raise UsageError(f"--data {where or files[0]}: the datasets '{builder}' loader cannot read it "
+            bad = [(f, first_bad_json_line(f)) for f in files] if builder == "json" else []
+            where = next((f"{f}:{n}" for f, n in bad if n), files[0])
+            raise UsageError(f"--data {where}: the datasets '{builder}' loader cannot read it "
                              f"({_first_line(e)})") from None
 
 
-def _bad_json_line(path: Path) -> str | None:
-    """'file:N' of the first line of a JSON-lines file that is not valid JSON (None if all are)."""
+def first_bad_json_line(path: Path) -> int | None:
+    """The number of the first non-blank line of a JSON-lines file that is not valid JSON (None
+    if every line parses or the file cannot be read as UTF-8 text)."""
     try:
         with open(path, encoding="utf-8") as f:
             for n, line in enumerate(f, 1):
                 if line.strip():
-                    json.loads(line)
-    except json.JSONDecodeError:
-        return f"{path}:{n}"
+                    try:
+                        json.loads(line)
+                    except ValueError:
+                        return n
     except (OSError, UnicodeDecodeError):
         return None
     return None

@@ -345,17 +345,6 @@ def _undecodable_file(path: Path) -> Path:
     return path
 
 
-def _bad_json_line(path: Path) -> int | None:
-    with open(path, encoding="utf-8") as fh:
-        for i, line in enumerate(fh, 1):
-            if line.strip():
-                try:
-                    json.loads(line)
-                except ValueError:
-                    return i
-    return None
-
-
 def load_docs(name, split: str, flag: str = "--data") -> list:
     """`hylorada.data.load_documents(name, split)` (a corpus name, a path or a DataSpec) with file
     problems reported as UsageError naming `flag` and the file; refuses a split with no text."""
@@ -375,7 +364,7 @@ def load_docs(name, split: str, flag: str = "--data") -> list:
         raise UsageError(f"{flag} {name_str}: {bad} is not UTF-8 text (byte {e.start}: {e.reason}); "
                          "give a UTF-8 .txt or .jsonl file") from None
     except json.JSONDecodeError as e:
-        line = _bad_json_line(path) if path.is_file() else None
+        line = data.first_bad_json_line(path) if path.is_file() else None
         raise UsageError(f"{flag} {name_str}: {path}{f':{line}' if line else ''} is not valid JSON lines ({e}); "
                          'each line must be {"text": "..."}') from None
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:

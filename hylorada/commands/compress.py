@@ -245,7 +245,7 @@ def run(args: argparse.Namespace) -> int:
         for line in clean_stale(args.out):  # first: restores an output a killed run was replacing
             print(f"  note: {line}", file=sys.stderr)
         check_output_dir(args.out, overwrite=args.overwrite, kind="compressed")
-    for names, split, used, flag in ((args.calib, "train", args.method == "whiten" or args.update == "lstsq" or args.allocate == "sensitivity", "--calib"),
+    for names, split, used, flag in ((args.calib, "train", config.needs_calibration, "--calib"),
                                      (args.eval, "test", not args.no_eval, "--eval"),
                                      (args.recover_data, "train", args.recover_steps > 0, "--recover-data")):
         for spec in data_specs(args, names) if used else ():  # bad data stops here, before the model loads
@@ -274,7 +274,7 @@ def run(args: argparse.Namespace) -> int:
         print(f"  perplexity {stage:>10}: " + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in ppl[stage].items()))
 
     calibration = None
-    if args.method == "whiten" or config.update == "lstsq" or config.allocate == "sensitivity":
+    if config.needs_calibration:
         # before any perplexity: too little calibration text is refused first
         t = time.perf_counter()
         try:

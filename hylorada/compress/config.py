@@ -228,6 +228,13 @@ class CompressConfig:
                                  f"(fraction of the target layers' parameters kept), got {v!r}")
 
     @property
+    def needs_calibration(self) -> bool:
+        """Whether compress_model needs calibration token ids: whitening, the least-squares
+        update, sensitivity allocation and sequential calibration all read activations."""
+        return (self.method == "whiten" or self.update == "lstsq" or self.allocate == "sensitivity"
+                or self.calibrate == "sequential")
+
+    @property
     def policy(self) -> str:
         """The rank policy that is set: one of ratio, energy, alpha, budget."""
         return next(p for p in POLICIES if getattr(self, p) is not None)
