@@ -52,6 +52,18 @@ def tiny_gpt2(seed: int = 0, **overrides) -> torch.nn.Module:
     return model
 
 
+def copy_adapters_into_peft(ours, theirs) -> None:
+    """Give a peft model the very A, B (and DoRA magnitude) of our HyLoRADAModel, layer by layer,
+    so that the two outputs can be compared."""
+    with torch.no_grad():
+        for name, layer in ours.adapter_layers():
+            pl = theirs.base_model.model.get_submodule(name)
+            pl.lora_A["default"].weight.copy_(layer.lora_A)
+            pl.lora_B["default"].weight.copy_(layer.lora_B)
+            if getattr(layer, "method", None) == "dora":
+                pl.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+
+
 FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "gpt2": tiny_gpt2}
 
 

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from conftest import FACTORIES, VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
+from conftest import FACTORIES, VOCAB, copy_adapters_into_peft, tiny_gpt2, tiny_llama, tiny_qwen2
 from torch import nn
 from transformers import AutoModelForCausalLM, Gemma3TextConfig, Qwen3Config
 
@@ -94,13 +94,7 @@ def _peft_pair(arch: str, method: str, rslora: bool = False):
                           target_modules=list(ours.target_names), use_dora=method == "dora",
                           fan_in_fan_out=arch == "gpt2", init_lora_weights=True)
     theirs = peft.get_peft_model(FACTORIES[arch](), cfg)
-    with torch.no_grad():
-        for name, layer in ours.adapter_layers():
-            pl = theirs.base_model.model.get_submodule(name)
-            pl.lora_A["default"].weight.copy_(layer.lora_A)
-            pl.lora_B["default"].weight.copy_(layer.lora_B)
-            if method == "dora":
-                pl.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+    copy_adapters_into_peft(ours, theirs)
     return ours, theirs
 
 

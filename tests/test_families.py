@@ -14,7 +14,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_gpt2, tiny_llama, tiny_qwen2
+from conftest import copy_adapters_into_peft, tiny_gpt2, tiny_llama, tiny_qwen2
 from transformers import (AutoModelForCausalLM, Gemma3ForCausalLM, Gemma3TextConfig, GPTNeoXConfig,
                           MistralConfig, OPTConfig, Phi3Config, Qwen3Config)
 
@@ -189,13 +189,7 @@ def test_output_equals_peft(family, method):
     cfg = peft.LoraConfig(r=4, lora_alpha=8.0, lora_dropout=0.0, target_modules=list(ours.target_names),
                           use_dora=method == "dora", fan_in_fan_out=family == "gpt2")
     theirs = peft.get_peft_model(FAMILIES[family](), cfg).eval()
-    with torch.no_grad():
-        for name, layer in ours.adapter_layers():
-            pl = theirs.base_model.model.get_submodule(name)
-            pl.lora_A["default"].weight.copy_(layer.lora_A)
-            pl.lora_B["default"].weight.copy_(layer.lora_B)
-            if method == "dora":
-                pl.lora_magnitude_vector["default"].weight.copy_(layer.magnitude)
+    copy_adapters_into_peft(ours, theirs)
     x = ids()
     a, b = logits(ours, x), logits(theirs, x)
     assert not close(a, logits(FAMILIES[family](), x), 1e-3)  # the adapters do something

@@ -286,19 +286,26 @@ def test_finetune_refuses_a_folder_with_checkpoints_without_resume(tiny, tmp_pat
     assert leftovers(tmp_path) == []
 
 
-def test_train_refuses_to_overwrite_checkpoints(tmp_path):
+def _train_tiny(out_dir, **kw):
+    """LoRA on a tiny Llama, trained by hylorada.train into `out_dir` (4 blocks of 8 tokens)."""
     from hylorada.config import HyLoRADAConfig
-    from hylorada.errors import UsageError
     from hylorada.model import HyLoRADAModel
     from hylorada.train import TrainConfig, train
 
-    blocks = {"input_ids": torch.randint(0, 100, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
+    g = torch.Generator().manual_seed(0)
+    blocks = {"input_ids": torch.randint(0, 100, (4, 8), generator=g),
+              "attention_mask": torch.ones(4, 8, dtype=torch.long)}
     blocks["labels"] = blocks["input_ids"].clone()
+    model = HyLoRADAModel(tiny_llama(), HyLoRADAConfig(method="lora"))
+    return train(model, blocks, None, TrainConfig(batch_size=2, out_dir=str(out_dir), progress=False,
+                                                  log_every=0, **kw))
+
+
+def test_train_refuses_to_overwrite_checkpoints(tmp_path):
+    from hylorada.errors import UsageError
 
     def run(**kw):
-        model = HyLoRADAModel(tiny_llama(), HyLoRADAConfig(method="lora"))
-        return train(model, blocks, None, TrainConfig(steps=1, batch_size=2, out_dir=str(tmp_path),
-                                                      progress=False, log_every=0, **kw))
+        return _train_tiny(tmp_path, steps=1, **kw)
 
     run()
     state = (tmp_path / "checkpoint-last" / "trainer_state.json").read_bytes()
@@ -390,17 +397,8 @@ def test_a_crafted_checkpoint_pickle_is_refused(tmp_path):
     """resume loads optimizer.pt with weights_only=True: a pickle that would run code is refused."""
     import pickle
 
-    from hylorada.config import HyLoRADAConfig
-    from hylorada.model import HyLoRADAModel
-    from hylorada.train import TrainConfig, train
-
-    blocks = {"input_ids": torch.randint(0, 100, (4, 8)), "attention_mask": torch.ones(4, 8, dtype=torch.long)}
-    blocks["labels"] = blocks["input_ids"].clone()
-
     def run(**kw):
-        model = HyLoRADAModel(tiny_llama(), HyLoRADAConfig(method="lora"))
-        return train(model, blocks, None, TrainConfig(steps=2, batch_size=2, out_dir=str(tmp_path),
-                                                      progress=False, log_every=0, **kw))
+        return _train_tiny(tmp_path, steps=2, **kw)
 
     run(save_every=1)
     mark = tmp_path / "MARK"
