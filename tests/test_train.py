@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 from conftest import VOCAB, tiny_llama
 from hylorada.config import HyLoRADAConfig
 from hylorada.model import HyLoRADAModel
-from hylorada.train import (CHECKPOINT_BEST, CHECKPOINT_LAST, NonFiniteLossError, TrainConfig,
-                            build_optimizer, build_scheduler, causal_lm_loss_sum, find_checkpoint,
-                            load_adapter_checkpoint, lr_factor, token_losses, train)
+from hylorada.checkpoint import CHECKPOINT_BEST, CHECKPOINT_LAST, find_checkpoint, load_adapter_checkpoint
+from hylorada.losses import causal_lm_loss_sum, token_losses
+from hylorada.optim import build_optimizer, build_scheduler, lr_factor
+from hylorada.train import NonFiniteLossError, TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
 

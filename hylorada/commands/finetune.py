@@ -128,7 +128,7 @@ def check_run_dir(out: str | os.PathLike, *, resume: bool, overwrite: bool) -> s
     "replace" (a previous run, --overwrite); anything else raises UsageError (a file, a folder we
     did not write, another kind of hylorada output, a previous run without --resume/--overwrite)."""
     from ..errors import UsageError
-    from ..train import find_checkpoint, read_checkpoint_state
+    from ..checkpoint import find_checkpoint, read_checkpoint_state
     from ..utils.io import check_output_dir, clean_stale, ours
 
     p = Path(out).expanduser()
