@@ -207,8 +207,21 @@ class TrainResult:
     compiled: bool = False
     out_dir: str | None = None
 
+    HISTORY = ("losses", "lrs", "grad_norms", "tokens_per_s", "valid_losses")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def history(self) -> dict[str, list]:
+        """The per-step lists, as a checkpoint's trainer_state.json stores them."""
+        return {k: getattr(self, k) for k in self.HISTORY}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Per-step lists, token counters and best validation from a trainer_state.json."""
+        for k in self.HISTORY:
+            setattr(self, k, list(state.get("history", {}).get(k, [])))
+        self.tokens_seen, self.target_tokens_seen = int(state.get("tokens_seen", 0)), int(state.get("target_tokens_seen", 0))
+        self.best_valid_loss, self.best_step = state.get("best_valid_loss"), state.get("best_step")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -226,9 +239,9 @@ def _resolve_compile(mode: str, backend: str, device: torch.device) -> bool:
     """compile 'yes', or 'auto' on CUDA (eager stays the CPU reference); the backend is checked
     here, before any step, rather than at the first forward."""
     on = mode == "yes" or (mode == "auto" and device.type == "cuda")
-    if on and backend not in torch._dynamo.list_backends(exclude_tags=()):
+    if on and backend not in torch.compiler.list_backends(exclude_tags=()):
         raise UsageError(f"TrainConfig.compile_backend={backend!r} is invalid: allowed one of "
-                         f"{torch._dynamo.list_backends(exclude_tags=())}")
+                         f"{torch.compiler.list_backends(exclude_tags=())}")
     return on
 
 
@@ -245,19 +258,28 @@ def _probe_unused(model: nn.Module, blocks: dict[str, torch.Tensor], device: tor
     return unused
 
 
-def _make_accelerator(config: TrainConfig, model: nn.Module, blocks: dict[str, torch.Tensor],
-                      trainable: list[nn.Parameter]):
-    """An Accelerator (fp32: autocast is ours) whose DDP find_unused_parameters is the config's,
-    or probed when None and the run is distributed."""
+def _accelerator(accelerator, config: TrainConfig, model: nn.Module, blocks: dict[str, torch.Tensor],
+                 trainable: list[nn.Parameter]):
+    """`accelerator`, or a new one in fp32 (autocast is the trainer's). DDP's find_unused_parameters
+    is the config's, or probed when None on a distributed run; an accelerator's own is kept."""
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
 
-    state = PartialState(cpu=not torch.cuda.is_available())
+    state = accelerator if accelerator is not None else PartialState(cpu=not torch.cuda.is_available())
+    needs_handler = state.num_processes > 1 and getattr(accelerator, "ddp_handler", None) is None
     unused = config.find_unused_parameters
-    if unused is None and state.num_processes > 1:
+    if unused is None and needs_handler:
         unused = _probe_unused(model, blocks, state.device, trainable)
     handler = DistributedDataParallelKwargs(find_unused_parameters=bool(unused))
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", kwargs_handlers=[handler])
+    if accelerator is None:
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", kwargs_handlers=[handler])
+    if needs_handler:
+        accelerator.ddp_handler = handler
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ValueError("set grad_accum in TrainConfig, not gradient_accumulation_steps in the Accelerator")
+    if accelerator.mixed_precision == "fp16":
+        raise ValueError("fp16 is not supported (use mixed_precision='bf16' in TrainConfig)")
+    return accelerator
 
 
 class Trainer:
@@ -289,19 +311,7 @@ class Trainer:
     def _setup_accelerator(self, accelerator) -> None:
         c = self.config
         self.owns_accelerator = accelerator is None
-        if accelerator is None:
-            accelerator = _make_accelerator(c, self.model, self.train_blocks, self.trainable)
-        elif accelerator.num_processes > 1 and accelerator.ddp_handler is None:
-            from accelerate.utils import DistributedDataParallelKwargs
-
-            unused = c.find_unused_parameters
-            if unused is None:
-                unused = _probe_unused(self.model, self.train_blocks, accelerator.device, self.trainable)
-            accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=bool(unused))
-        if accelerator.gradient_accumulation_steps != 1:
-            raise ValueError("set grad_accum in TrainConfig, not gradient_accumulation_steps in the Accelerator")
-        if accelerator.mixed_precision == "fp16":
-            raise ValueError("fp16 is not supported (use mixed_precision='bf16' in TrainConfig)")
+        accelerator = _accelerator(accelerator, c, self.model, self.train_blocks, self.trainable)
         self.accelerator, self.device = accelerator, accelerator.device
         self.world, self.rank, self.is_main = (accelerator.num_processes, accelerator.process_index,
                                                accelerator.is_main_process)
@@ -354,12 +364,7 @@ class Trainer:
             logger.warning("resuming on %d training blocks, the checkpoint saw %d", self.n_train, st["n_train_blocks"])
         self.step = int(st["step"])
         self.sampler.epoch, self.sampler.index = int(st["epoch"]), int(st["index"])
-        r, h = self.result, st.get("history", {})
-        r.losses, r.lrs = list(h.get("losses", [])), list(h.get("lrs", []))
-        r.grad_norms, r.tokens_per_s = list(h.get("grad_norms", [])), list(h.get("tokens_per_s", []))
-        r.valid_losses = list(h.get("valid_losses", []))
-        r.tokens_seen, r.target_tokens_seen = int(st.get("tokens_seen", 0)), int(st.get("target_tokens_seen", 0))
-        r.best_valid_loss, r.best_step = st.get("best_valid_loss"), st.get("best_step")
+        self.result.restore(st)
         if self.is_main:
             logger.info("resumed from %s at step %d (epoch %d, index %d)", ckpt, self.step,
                         self.sampler.epoch, self.sampler.index)
@@ -497,8 +502,7 @@ class Trainer:
                 "world_size": self.world, "n_train_blocks": self.n_train, "compiled": self.compiled,
                 "tokens_seen": r.tokens_seen, "target_tokens_seen": r.target_tokens_seen,
                 "best_valid_loss": r.best_valid_loss, "best_step": r.best_step, "config": self.config.to_dict(),
-                "history": {"losses": r.losses, "lrs": r.lrs, "grad_norms": r.grad_norms,
-                            "tokens_per_s": r.tokens_per_s, "valid_losses": r.valid_losses}}
+                "history": r.history()}
 
     def _save(self, name: str) -> str | None:
         """Checkpoint `name` (all processes call it: the RNG states of every process go in)."""
