@@ -304,6 +304,7 @@ class Trainer:
         self.out_dir = Path(config.out_dir) if config.out_dir else None
         self._setup_accelerator(accelerator)
         self._setup_model()
+        self._setup_optimizer()
         self._resume()
         self._setup_forward()
 
@@ -326,6 +327,9 @@ class Trainer:
         if self.teacher is not None:
             self.teacher.to(self.device).eval().requires_grad_(False)
         clear_grads(self.trainable)  # a stray backward before train() must not leak into step 1
+
+    def _setup_optimizer(self) -> None:
+        """AdamW, data order, result, seeds; the schedule comes with the resume (_resume)."""
         self.optimizer = build_optimizer(self.model, self.config)
         self.sampler = BlockSampler(self.n_train, self.config.seed, self.config.shuffle)
         self.result = TrainResult(world_size=self.world, mixed_precision="bf16" if self.use_bf16 else "no",
@@ -342,6 +346,7 @@ class Trainer:
             logger.info("resume=True but no checkpoint in %s: starting from step 0", self.out_dir)
         if ckpt is not None:
             self._load(ckpt)
+        # after the optimizer state: the schedule restarts from its groups' initial_lr at `step`
         self.scheduler = build_scheduler(self.optimizer, c, self.step)
         self.result.start_step = self.step
         self.tokens_at_start = self.result.tokens_seen
@@ -378,8 +383,8 @@ class Trainer:
         self.forward = self.ddp_model
         if self.compiled:
             # One graph serves every step: each micro-batch has exactly batch_size blocks of one
-            # length (the sampler runs on into the next epoch, never a short last batch), so the
-            # shapes never change; dynamic=False keeps them static. Only the training forward is
+            # length (the sampler runs on into the next epoch, never a short last batch), so a
+            # process's shapes never change; dynamic=False keeps them static. Only the training forward is
             # compiled: evaluation (no_grad, eval mode) would be a second graph for little gain.
             self.forward = torch.compile(self.ddp_model, backend=self.config.compile_backend, dynamic=False)
             if self.is_main:
