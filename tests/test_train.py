@@ -354,6 +354,25 @@ def test_compiled_training_matches_eager_and_never_recompiles(method):
     assert max_diff(adapter(model), adapter(eager_model)) < 1e-5
 
 
+def test_resume_eager_checkpoint_with_compile_on(tmp_path):
+    """The compile setting may change on resume: the eager run's losses, the new setting recorded."""
+    blocks = make_blocks()
+    c = dict(steps=4, save_every=2, compile_backend="aot_eager")
+    full = train(make_model("lora"), blocks, None, cfg(compile="no", out_dir=str(tmp_path / "a"), **c))
+
+    def kill_at_3(step, metrics):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(make_model("lora"), blocks, None, cfg(compile="no", out_dir=str(tmp_path / "b"), **c), callback=kill_at_3)
+    resumed = train(make_model("lora"), blocks, None, cfg(compile="yes", resume=True, out_dir=str(tmp_path / "b"), **c))
+    assert resumed.compiled and resumed.start_step == 2
+    assert resumed.losses == pytest.approx(full.losses, abs=1e-5)
+    state = json.loads((tmp_path / "b" / CHECKPOINT_LAST / "trainer_state.json").read_text())
+    assert state["compiled"] is True and state["config"]["compile"] == "yes"
+
+
 def test_compile_auto_is_on_for_cuda_only_and_bad_settings_are_refused():
     from hylorada.train import _resolve_compile
     from hylorada.errors import UsageError
