@@ -269,15 +269,21 @@ def render(args, rows, corpora, seconds: float) -> str:
 # ablation (issue 15)
 # --------------------------------------------------------------------------------------------
 def row_settings(row: str, args) -> tuple[dict, str]:
-    """(CompressConfig options, recovery loss) of an ablation row."""
+    """(CompressConfig options, recovery loss) of an ablation row: "default", "all", or
+    key=value pairs joined by "&" (keys: allocate, calibrate, update, recover_loss), e.g.
+    "allocate=sensitivity&calibrate=sequential"."""
     if row == "all":
         return {"allocate": args.all_allocate, "calibrate": "sequential", "update": "lstsq"}, "kd"
-    if row == "recover_loss=kd":
-        return {}, "kd"
     if row == "default":
         return {}, "lm"
-    key, _, value = row.partition("=")
-    return {key: value}, "lm"
+    options, loss = {}, "lm"
+    for part in row.split("&"):
+        key, _, value = part.partition("=")
+        if key == "recover_loss":
+            loss = value
+        else:
+            options[key] = value
+    return options, loss
 
 
 def _write_json(path: Path, data: dict) -> None:
