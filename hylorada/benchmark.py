@@ -119,7 +119,7 @@ class BenchConfig:
     eval_max_tokens: int | None = 4096
     eval_batch_size: int = 2
     lim_buckets: int = 10
-    # "auto" | "bos" | "none": BOS at the start of every window/block (hylorada/data.py); cells
+    # "auto" | "bos" | "none": BOS at the start of every window/block (hylorada/data/blocks.py); cells
     # record the resolved value; the cell key holds it only when it is not "auto"
     window_prefix: str = "auto"
     # frontier
@@ -636,10 +636,10 @@ class CellRunner:
     def train_blocks(self, data: str, seq_len: int) -> dict[str, torch.Tensor]:
         key = ("train", data, seq_len)
         if key not in self._cache:
-            from .data import load_corpus, pack_blocks, token_stream
+            from .data import training_blocks
 
-            ids = token_stream(self.tokenizer, load_corpus(data, "train"))
-            self._cache[key] = pack_blocks(ids, seq_len, self._pad_id(), bos_id=self._bos_id())
+            self._cache[key] = training_blocks(self.tokenizer, data, "train", seq_len, self._pad_id(),
+                                               bos_id=self._bos_id())[0]
         return self._cache[key]
 
     def calibration(self, data: str, n_blocks: int, seq_len: int) -> dict[str, torch.Tensor]:

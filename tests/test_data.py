@@ -275,7 +275,7 @@ def test_training_blocks_of_a_bos_tokenizer_start_with_bos():
 
 @pytest.mark.parametrize("bos", [True, False])
 def test_calibration_blocks_start_with_bos_when_the_tokenizer_adds_one(tmp_path, monkeypatch, bos):
-    from hylorada.compress.whiten import calibration_blocks
+    from hylorada.data import calibration_blocks
 
     monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "c.jsonl"
