@@ -57,7 +57,7 @@ METHODS = ("lora", "dora", "lorada", "hylorada")
 PEFT_ROWS = ("peft-lora", "peft-dora")
 BUDGET_TOLERANCE = 0.10
 # Kaiming-uniform(a=sqrt 5) draws A_ij from U(-1/sqrt(d_in), 1/sqrt(d_in)): E||row||² = 1/3 for
-# every d_in, so its rows have norm ~0.577; orthogonal rows have norm 1 (DESIGN.md).
+# every d_in, so its rows have norm ~0.577; orthogonal rows have norm 1 (docs/METHODS.md).
 KAIMING_ROW_NORM = 1.0 / math.sqrt(3.0)
 
 # ablation row -> how it differs from its base method (documented in results.md)
