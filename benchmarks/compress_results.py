@@ -37,7 +37,8 @@ from hylorada.commands.compress import env_info, evaluate_corpora, recovery_bloc
 from hylorada.compress import CompressConfig, compress_model
 from hylorada.compress.api import find_target_layers
 from hylorada.recipes.compress import recover_compressed
-from hylorada.compress.whiten import calibration_blocks, collect_grams
+from hylorada.compress.whiten import collect_grams
+from hylorada.data import calibration_blocks
 from hylorada.loading import load_model
 
 ABLATION_ROWS = ("default", "allocate=loss", "allocate=sensitivity", "calibrate=sequential",

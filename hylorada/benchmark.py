@@ -57,7 +57,7 @@ METHODS = ("lora", "dora", "lorada", "hylorada")
 PEFT_ROWS = ("peft-lora", "peft-dora")
 BUDGET_TOLERANCE = 0.10
 # Kaiming-uniform(a=sqrt 5) draws A_ij from U(-1/sqrt(d_in), 1/sqrt(d_in)): E||row||² = 1/3 for
-# every d_in, so its rows have norm ~0.577; orthogonal rows have norm 1 (DESIGN.md).
+# every d_in, so its rows have norm ~0.577; orthogonal rows have norm 1 (docs/METHODS.md).
 KAIMING_ROW_NORM = 1.0 / math.sqrt(3.0)
 
 # ablation row -> how it differs from its base method (documented in results.md)
@@ -119,7 +119,7 @@ class BenchConfig:
     eval_max_tokens: int | None = 4096
     eval_batch_size: int = 2
     lim_buckets: int = 10
-    # "auto" | "bos" | "none": BOS at the start of every window/block (hylorada/data.py); cells
+    # "auto" | "bos" | "none": BOS at the start of every window/block (hylorada/data/blocks.py); cells
     # record the resolved value; the cell key holds it only when it is not "auto"
     window_prefix: str = "auto"
     # frontier
@@ -636,10 +636,10 @@ class CellRunner:
     def train_blocks(self, data: str, seq_len: int) -> dict[str, torch.Tensor]:
         key = ("train", data, seq_len)
         if key not in self._cache:
-            from .data import load_corpus, pack_blocks, token_stream
+            from .data import training_blocks
 
-            ids = token_stream(self.tokenizer, load_corpus(data, "train"))
-            self._cache[key] = pack_blocks(ids, seq_len, self._pad_id(), bos_id=self._bos_id())
+            self._cache[key] = training_blocks(self.tokenizer, data, "train", seq_len, self._pad_id(),
+                                               bos_id=self._bos_id())[0]
         return self._cache[key]
 
     def calibration(self, data: str, n_blocks: int, seq_len: int) -> dict[str, torch.Tensor]:

@@ -1,14 +1,15 @@
 """HyLoRADAConfig: the validated description of which adapter goes where.
 
 Field names of the original project are kept (`lora_rank`, `lora_alpha`, `lora_dropout`,
-`use_hylorada`, `lora_plus_enabled`, `lora_plus_ratio`, `gate_init`, `residual_init`).
+`lora_plus_enabled`, `lora_plus_ratio`, `gate_init`, `residual_init`); its `use_hylorada` switch
+is still accepted as an argument and read as a property of `method`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -36,14 +37,16 @@ class HyLoRADAConfig:
     scale s = lora_alpha / lora_rank, or lora_alpha / sqrt(lora_rank) with `use_rslora`.
     `fused` runs the fused autograd Function (adapters/fused.py) on dense bases; `fused=False`
     runs the plain autograd reference.
-    `method=None` follows `use_hylorada` ("hylorada" if True, else "lora"); an explicit
-    `method` wins and `use_hylorada` is set to `method == "hylorada"`.
+    `method` is the one source of the method. `use_hylorada` (the original project's switch) is
+    a read-only property, `method == "hylorada"`; it is still accepted as an argument (saved
+    adapter configs and older code pass it): with `method=None`, False means "lora" and True or
+    None "hylorada"; an explicit `method` wins.
     """
 
     lora_rank: int = 8
     lora_alpha: float = 16.0
     lora_dropout: float = 0.05
-    use_hylorada: bool = True
+    use_hylorada: InitVar[bool | None] = None
     method: str | None = None
     target_modules: list[str] | str | None = None
     use_rslora: bool = False
@@ -57,17 +60,18 @@ class HyLoRADAConfig:
     fused: bool = True
     extra: dict[str, Any] = field(default_factory=dict)
 
-    def __post_init__(self) -> None:
-        for name in ("use_hylorada", "use_rslora", "lora_plus_enabled", "fused"):
+    def __post_init__(self, use_hylorada: bool | None) -> None:
+        if use_hylorada is not None and not isinstance(use_hylorada, bool):
+            _fail("use_hylorada", use_hylorada, "True or False")
+        for name in ("use_rslora", "lora_plus_enabled", "fused"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
         if not isinstance(self.extra, dict):
             _fail("extra", self.extra, "a dict")
         if self.method is None:
-            self.method = "hylorada" if self.use_hylorada else "lora"
+            self.method = "lora" if use_hylorada is False else "hylorada"
         if self.method not in METHODS:
             _fail("method", self.method, f"one of {list(METHODS)}")
-        self.use_hylorada = self.method == "hylorada"
         if self.init_lora_weights is None:
             self.init_lora_weights = "orthogonal" if self.method == "hylorada" else "kaiming"
         if self.init_lora_weights not in INITS:
@@ -102,11 +106,16 @@ class HyLoRADAConfig:
         return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, with the derived `use_hylorada` in its old place before `method` (so saved
+        configs keep their keys and older versions read them)."""
+        d = dataclasses.asdict(self)
+        keys = list(d)
+        at = keys.index("method")
+        return {**{k: d[k] for k in keys[:at]}, "use_hylorada": self.use_hylorada, **{k: d[k] for k in keys[at:]}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HyLoRADAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"use_hylorada"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UsageError(f"HyLoRADAConfig got unknown fields {unknown}; allowed fields: {sorted(known)}")
@@ -124,6 +133,13 @@ class HyLoRADAConfig:
         if not text.lstrip().startswith("{"):
             text = Path(text).read_text()
         return cls.from_dict(json.loads(text))
+
+
+# `use_hylorada` is an init-only argument above (InitVar); its read-only property is attached
+# after the class is built, because a property of that name in the class body would become the
+# argument's default value.
+HyLoRADAConfig.use_hylorada = property(lambda self: self.method == "hylorada",
+                                       doc='method == "hylorada" (read-only; set `method`)')
 
 
 def _finite(x: Any) -> bool:

@@ -208,14 +208,11 @@ def open_study(storage: str, study_name: str, sampler_seed: int | None, seed: in
 
 
 def _prepare_data(tokenizer, settings: TuneSettings):
-    from .data import load_corpus, pack_blocks, token_stream, window_bos_id
+    from .data import training_blocks, window_bos_id
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    bos = window_bos_id(tokenizer, "auto")  # BOS-led blocks when the tokenizer adds a BOS (hylorada/data.py)
-    train_blocks = pack_blocks(token_stream(tokenizer, load_corpus(settings.data, "train")), settings.seq_len, pad,
-                               bos_id=bos)
-    valid = pack_blocks(token_stream(tokenizer, load_corpus(settings.data, "valid")), settings.seq_len, pad,
-                        bos_id=bos)
+    bos = window_bos_id(tokenizer, "auto")  # BOS-led blocks when the tokenizer adds a BOS (hylorada/data/blocks.py)
+    train_blocks = training_blocks(tokenizer, settings.data, "train", settings.seq_len, bos_id=bos)[0]
+    valid = training_blocks(tokenizer, settings.data, "valid", settings.seq_len, bos_id=bos)[0]
     valid = {k: v[:settings.valid_blocks] for k, v in valid.items()}
     return train_blocks, valid
 

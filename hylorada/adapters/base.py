@@ -1,6 +1,6 @@
 """The shared adapter wrapper: a base layer (wrapped, never copied) plus a low-rank update.
 
-Notation (DESIGN.md): W is d_out x d_in, A is r x d_in, B is d_out x r, s the scale,
+Notation (docs/METHODS.md): W is d_out x d_in, A is r x d_in, B is d_out x r, s the scale,
 W' = W + s·B A. Every method is described by two things:
 
 - `row_scale()` -> c, a per-output-row scale (None for plain LoRA), and

@@ -1,7 +1,7 @@
 """DoRA (Liu et al. 2024): y = (m / ||W'||_row) ⊙ (W' x) + b, W' = W + s·B A, m0 = ||W||_row.
 
 The row norm is treated as a constant in backward (DoRA paper §4.3) and is computed without
-building W' (DESIGN.md):
+building W' (docs/METHODS.md, "DoRA"):
 
     ||W'||²_row = ||W||²_row + 2s·rowsum((W Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B)
 

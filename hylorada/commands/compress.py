@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..compress import CompressConfig, compress_model, save_compressed
     from ..recipes.compress import recover_compressed
-    from ..compress.whiten import calibration_blocks
+    from ..data import calibration_blocks
     from ..evaluate import jsonable, model_size
     from ._common import as_flags, check_compress_targets, check_out_dir, check_positions, load_docs, load_model_checked
 

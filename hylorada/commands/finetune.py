@@ -15,7 +15,7 @@ In-training validation: the valid split packed the same way (first --max-eval-to
 Perplexity (before/after): valid and test splits, "\\n\\n"-joined, --eval-seq-len windows,
 first --max-eval-tokens tokens. --window-prefix auto|bos|none (default auto: when the
 tokenizer adds a BOS by default) starts every training block and perplexity window with BOS
-(hylorada/data.py, hylorada/evaluate.py); finetune.json records the resolved value. Runs unchanged under `torchrun --nproc_per_node=K` (the
+(hylorada/data/blocks.py, hylorada/evaluate.py); finetune.json records the resolved value. Runs unchanged under `torchrun --nproc_per_node=K` (the
 global batch --batch-size x --grad-accum does not depend on K; perplexity on the main process).
 
 Writes into --out: checkpoint-last/, checkpoint-best/ (resumable with --resume),

@@ -2,7 +2,7 @@
 
     hylorada tune --method hylorada --n-trials 20 --out runs/tune
     # several workers on one study (start the same command in several shells or machines):
-    hylorada tune --n-trials 10 --storage sqlite:////shared/tune.db --study hyl-smollm2
+    hylorada tune --n-trials 10 --storage sqlite:////mnt/nfs/tune.db --study hyl-smollm2
     hylorada tune --n-trials 10 --storage postgresql://user@host/db --study hyl-smollm2
 
 Objective: the validation loss after --steps steps; reported every --eval-every steps so that

@@ -41,6 +41,23 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _one_of(cfg, name: str, allowed: tuple) -> None:
+    """UsageError unless field `name` of `cfg` is one of `allowed`."""
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise UsageError(f"CompressConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+def _int_at_least(cfg, name: str, minimum: int, allow_none: bool = False) -> None:
+    """UsageError unless field `name` of `cfg` is an int >= minimum (or None when allowed)."""
+    value = getattr(cfg, name)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UsageError(f"CompressConfig.{name} must be {'None or ' if allow_none else ''}an int >= {minimum}, "
+                         f"got {value!r}")
+
+
 @dataclass
 class CompressConfig:
     """How to compress the target linear layers of a model.
@@ -116,8 +133,24 @@ class CompressConfig:
     kd_temperature: float = 1.0
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"CompressConfig.method must be one of {METHODS}, got {self.method!r}")
+        """Every field checked, in this order; the first bad one is a UsageError naming it, its
+        value and what is allowed."""
+        _one_of(self, "method", METHODS)
+        self._check_policy()
+        _one_of(self, "budget_energy", BUDGET_ENERGY)
+        self._check_targets()
+        self._check_overrides()
+        for name, allowed in (("svd_solver", SOLVERS), ("calib_precision", CALIB_PRECISIONS),
+                              ("whiten_method", WHITEN_METHODS)):
+            _one_of(self, name, allowed)
+        self._check_numbers()
+        self.dtype = _dtype_name(self.dtype, "dtype")
+        self.compute_dtype = _dtype_name(self.compute_dtype, "compute_dtype", allow_none=False)
+        _one_of(self, "compute_dtype", ("float32", "float64"))
+        self._check_options()
+
+    def _check_policy(self) -> None:
+        """Exactly one rank policy is set, to a number in its range (`_check_value`)."""
         set_ = [p for p in POLICIES if getattr(self, p) is not None]
         if len(set_) != 1:
             raise UsageError(f"CompressConfig: set exactly one rank policy of {POLICIES} "
@@ -126,20 +159,22 @@ class CompressConfig:
         if not _is_number(v):
             raise UsageError(f"CompressConfig.{set_[0]} must be a number, got {v!r}")
         self._check_value(set_[0], v, f"CompressConfig.{set_[0]}")
-        if self.budget_energy not in BUDGET_ENERGY:
-            raise UsageError(f"CompressConfig.budget_energy must be one of {BUDGET_ENERGY}, "
-                             f"got {self.budget_energy!r}")
-        if self.target_modules is not None:
-            if isinstance(self.target_modules, str):
-                self.target_modules = [self.target_modules]
-            if not isinstance(self.target_modules, (list, tuple)):
-                raise UsageError("CompressConfig.target_modules must be None or a non-empty list "
-                                 f"of module name pieces, got {self.target_modules!r}")
+
+    def _check_targets(self) -> None:
+        """target_modules: None, or a name piece / non-empty list of them (stored as a list)."""
+        if self.target_modules is None:
+            return
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t.strip(".")
-                                                  for t in self.target_modules):
-                raise UsageError("CompressConfig.target_modules must be None or a non-empty list "
-                                 f"of module name pieces, got {self.target_modules!r}")
+        if not (isinstance(self.target_modules, list) and self.target_modules
+                and all(isinstance(t, str) and t.strip(".") for t in self.target_modules)):
+            raise UsageError("CompressConfig.target_modules must be None or a non-empty list "
+                             f"of module name pieces, got {self.target_modules!r}")
+
+    def _check_overrides(self) -> None:
+        """overrides: name piece -> a float in the policy's unit, an int rank >= 1, or "dense"."""
         if not isinstance(self.overrides, dict):
             raise UsageError(f"CompressConfig.overrides must be a dict name -> value, "
                              f"got {type(self.overrides).__name__}")
@@ -158,55 +193,32 @@ class CompressConfig:
                 self._check_value("ratio" if self.policy == "budget" else self.policy, val, where)
             else:
                 raise UsageError(f"{where} must be a float, an int rank or 'dense', got {val!r}")
-        if self.svd_solver not in SOLVERS:
-            raise UsageError(f"CompressConfig.svd_solver must be one of {SOLVERS}, got {self.svd_solver!r}")
-        if self.calib_precision not in CALIB_PRECISIONS:
-            raise UsageError(f"CompressConfig.calib_precision must be one of {CALIB_PRECISIONS}, "
-                             f"got {self.calib_precision!r}")
-        if self.whiten_method not in WHITEN_METHODS:
-            raise UsageError(f"CompressConfig.whiten_method must be one of {WHITEN_METHODS}, "
-                             f"got {self.whiten_method!r}")
+
+    def _check_numbers(self) -> None:
+        """The integer knobs, jitter and force."""
         for name in ("oversample", "n_iter", "seed"):
-            val = getattr(self, name)
-            if not isinstance(val, int) or isinstance(val, bool) or val < 0:
-                raise UsageError(f"CompressConfig.{name} must be an int >= 0, got {val!r}")
+            _int_at_least(self, name, 0)
         for name in ("calib_blocks", "calib_seq_len"):
-            val = getattr(self, name)
-            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
-                raise UsageError(f"CompressConfig.{name} must be None or an int >= 1, got {val!r}")
-        if not isinstance(self.calib_batch_size, int) or isinstance(self.calib_batch_size, bool) \
-                or self.calib_batch_size < 1:
-            raise UsageError(f"CompressConfig.calib_batch_size must be an int >= 1, "
-                             f"got {self.calib_batch_size!r}")
+            _int_at_least(self, name, 1, allow_none=True)
+        _int_at_least(self, "calib_batch_size", 1)
         if not _is_number(self.jitter) or not 0 < self.jitter < float("inf"):
             raise UsageError(f"CompressConfig.jitter must be a finite number > 0, got {self.jitter!r}")
-        if not isinstance(self.rank_multiple, int) or isinstance(self.rank_multiple, bool) or self.rank_multiple < 1:
-            raise UsageError(f"CompressConfig.rank_multiple must be an int >= 1, got {self.rank_multiple!r}")
+        _int_at_least(self, "rank_multiple", 1)
         if not isinstance(self.force, bool):
             raise UsageError(f"CompressConfig.force must be a bool, got {self.force!r}")
-        self.dtype = _dtype_name(self.dtype, "dtype")
-        self.compute_dtype = _dtype_name(self.compute_dtype, "compute_dtype", allow_none=False)
-        if self.compute_dtype not in ("float32", "float64"):
-            raise UsageError(f"CompressConfig.compute_dtype must be one of ('float32', 'float64'), "
-                             f"got {self.compute_dtype!r}")
-        self._check_options()
 
     def _check_options(self) -> None:
+        """allocate / calibrate / update and the combinations they need; the recovery loss."""
         for name, allowed in (("allocate", ALLOCATIONS), ("calibrate", CALIBRATIONS),
                               ("update", UPDATES)):
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"CompressConfig.{name} must be one of {allowed}, "
-                                 f"got {getattr(self, name)!r}")
+            _one_of(self, name, allowed)
         if self.allocate != "uniform" and self.policy != "ratio":
             raise UsageError(f"CompressConfig.allocate={self.allocate!r} shares the budget of the ratio "
                              f"policy: set ratio, not {self.policy}")
         if self.calibrate == "sequential" and self.method != "whiten" and self.update != "lstsq":
             raise UsageError("CompressConfig.calibrate='sequential' changes the whitening and the "
                              "update only: use it with method='whiten' or update='lstsq'")
-        if (not isinstance(self.sensitivity_blocks, int) or isinstance(self.sensitivity_blocks, bool)
-                or self.sensitivity_blocks < 1):
-            raise UsageError(f"CompressConfig.sensitivity_blocks must be an int >= 1, "
-                             f"got {self.sensitivity_blocks!r}")
+        _int_at_least(self, "sensitivity_blocks", 1)
         check_loss(self.recover_loss, self.kd_temperature, "CompressConfig.recover_loss",
                    "CompressConfig.kd_temperature")
 
