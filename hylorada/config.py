@@ -32,6 +32,12 @@ def field_flag(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
 
+def option(default, help: str, **more) -> Any:
+    """A dataclass field whose metadata holds its help text (and "choices", "flag"): a field that
+    hylorada/commands/flags.py turns into a command-line flag."""
+    return field(default=default, metadata={"help": help, **more})
+
+
 def _fail(field_name: str, value: Any, allowed: str) -> None:
     raise UsageError(f"HyLoRADAConfig.{field_name}={value!r} is invalid: allowed {allowed}")
 

@@ -51,7 +51,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..tune import TuneSettings, check_storage, run_tune
-    from ._common import as_flags, check_out_dir, check_positions, load_docs, load_model_checked
+    from .checks import check_out_dir, check_positions, load_docs
+    from .flags import as_flags
+    from .load import load_model_checked
 
     if args.threads:
         torch.set_num_threads(args.threads)

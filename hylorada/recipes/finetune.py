@@ -33,7 +33,7 @@ from typing import Any
 import torch
 
 from .. import data, evaluate
-from ..config import HyLoRADAConfig
+from ..config import HyLoRADAConfig, option
 from ..errors import UsageError
 from ..model import HyLoRADAModel
 from ..train import NonFiniteLossError, TrainConfig, find_checkpoint, read_checkpoint_state, train
@@ -52,10 +52,6 @@ RUN_FILES = ("checkpoint-last", "checkpoint-best", ".old-checkpoint-last", ".old
              "finetune.json", ".hylorada")
 
 
-def _f(default, help: str, **more):
-    return field(default=default, metadata={"help": help, **more})
-
-
 @dataclass
 class FinetuneSettings:
     """What a fine-tuning run does besides the adapter (HyLoRADAConfig) and the training
@@ -65,15 +61,15 @@ class FinetuneSettings:
     out: str = field(metadata={"help": "output directory (new, empty, or a previous finetune run with "
                                        "--resume or --overwrite)"})
     mode: str = "new"  # check_run_dir's answer: new | resume | replace
-    seq_len: int = _f(256, "training block length")
-    max_train_tokens: int | None = _f(None, "use only the first N training tokens")
-    max_eval_tokens: int = _f(51200, "tokens of valid/test used for perplexity and valid loss (0: all)")
-    eval_seq_len: int = _f(512, "perplexity window")
-    eval_batch_size: int = _f(4, "perplexity windows per forward")
-    no_eval_before: bool = _f(False, "skip the perplexity before training")
-    window_prefix: str = _f("auto", "start every block and window with BOS: auto (when the tokenizer adds one), "
+    seq_len: int = option(256, "training block length")
+    max_train_tokens: int | None = option(None, "use only the first N training tokens")
+    max_eval_tokens: int = option(51200, "tokens of valid/test used for perplexity and valid loss (0: all)")
+    eval_seq_len: int = option(512, "perplexity window")
+    eval_batch_size: int = option(4, "perplexity windows per forward")
+    no_eval_before: bool = option(False, "skip the perplexity before training")
+    window_prefix: str = option("auto", "start every block and window with BOS: auto (when the tokenizer adds one), "
                                     "bos, none", choices=data.WINDOW_PREFIXES)
-    merge: bool = _f(False, "also save the merged model (OUT/merged)")
+    merge: bool = option(False, "also save the merged model (OUT/merged)")
     progress: bool = True
     record: dict = field(default_factory=dict)  # finetune.json "args": the command's flags
 
