@@ -33,48 +33,13 @@ from ..compress import CompressConfig
 from ..losses import LOSSES
 from ..recipes.compress import EVAL_FIELDS, RECOVER_FIELDS, CompressSettings, sources
 from .data_args import add_data_args, spec_from_args
-from .flags import SHARE, add_config_flags, as_flags, config_flags, config_values
+from .flags import SHARE, add_config_flags, as_flags, budget, config_flags, config_values, override
 
 POLICY = ("ratio", "energy", "alpha", "budget")
 COMPRESS_FIELDS = ("svd_solver", "whiten_method", "calib_precision", "dtype", "force", "rank_multiple",
                    "allocate", "calibrate", "update")
 CALIB_FIELDS = ("calib_blocks", "calib_seq_len", "calib_batch_size", "seed")
 CONFIG_FIELDS = ("method", *POLICY, *COMPRESS_FIELDS, *CALIB_FIELDS, "recover_loss", "kd_temperature")
-
-
-def _budget(text: str) -> float:
-    t = text.strip().lower().replace("_", "").replace(",", "")
-    try:
-        if t.endswith("%"):
-            v = float(t[:-1]) / 100
-            if not 0 < v < 1:
-                raise ValueError
-            return v
-        mult = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}.get(t[-1:], 1)
-        v = float(t[:-1] if mult != 1 else t) * mult
-        if v < 1:
-            raise ValueError
-        return int(v)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"--budget {text!r}: give a parameter count (120M, 80000000) or a percentage kept (80%)") from None
-
-
-def _override(text: str) -> tuple[str, object]:
-    key, sep, val = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"--override {text!r}: expected NAME=VALUE (mlp=0.3, q_proj=64, "
-                                         "o_proj=dense)")
-    if val == "dense":
-        return key, val
-    try:
-        return key, int(val)
-    except ValueError:
-        try:
-            return key, float(val)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"--override {text!r}: VALUE must be a float, an int rank or "
-                                             "'dense'") from None
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
@@ -88,12 +53,12 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     g.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     g = p.add_argument_group("compression")
     add_config_flags(g, CompressConfig, ["method"])
-    add_config_flags(g.add_mutually_exclusive_group(), CompressConfig, POLICY, types={"alpha": SHARE, "budget": _budget},
+    add_config_flags(g.add_mutually_exclusive_group(), CompressConfig, POLICY, types={"alpha": SHARE, "budget": budget},
                      helps={"ratio": "fraction of the target linears' parameters removed, in (0, 1) (default: 0.2)",
                             "budget": "parameters the target linears keep: a count (120M) or a percentage (80%%)"})
     g.add_argument("--target", action="append", default=None,
                    help="module name piece to compress (repeatable; default: every linear of the decoder layers)")
-    g.add_argument("--override", action="append", type=_override, default=[],
+    g.add_argument("--override", action="append", type=override, default=[],
                    help="NAME=VALUE per-module setting (repeatable): mlp=0.3, q_proj=64 (a rank), o_proj=dense")
     add_config_flags(g, CompressConfig, COMPRESS_FIELDS)
     g.add_argument("--calib", default="kjv", help="calibration corpora, comma-separated: kjv, shakespeare, files, "

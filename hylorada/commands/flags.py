@@ -110,6 +110,43 @@ def apply_ranges(command: str, parser: argparse.ArgumentParser) -> None:
 
 
 
+def budget(text: str) -> float:
+    """argparse type of --budget: a parameter count (120M, 80000000) or a percentage kept (80%)."""
+    t = text.strip().lower().replace("_", "").replace(",", "")
+    try:
+        if t.endswith("%"):
+            v = float(t[:-1]) / 100
+            if not 0 < v < 1:
+                raise ValueError
+            return v
+        mult = {"k": 1e3, "m": 1e6, "g": 1e9, "b": 1e9}.get(t[-1:], 1)
+        v = float(t[:-1] if mult != 1 else t) * mult
+        if v < 1:
+            raise ValueError
+        return int(v)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"--budget {text!r}: give a parameter count (120M, 80000000) or a percentage kept (80%)") from None
+
+
+def override(text: str) -> tuple[str, object]:
+    """argparse type of --override: NAME=VALUE with a float, an int rank or 'dense'."""
+    key, sep, val = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"--override {text!r}: expected NAME=VALUE (mlp=0.3, q_proj=64, "
+                                         "o_proj=dense)")
+    if val == "dense":
+        return key, val
+    try:
+        return key, int(val)
+    except ValueError:
+        try:
+            return key, float(val)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"--override {text!r}: VALUE must be a float, an int rank or "
+                                             "'dense'") from None
+
+
 # ----------------------------------------------------------------------------- flags from config fields
 def _fields(cls, names) -> list[dataclasses.Field]:
     by_name = {f.name: f for f in dataclasses.fields(cls)}
