@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 
 from hylorada import evaluate
-from hylorada.commands.compress import env_info, evaluate_corpora, recovery_blocks
+from hylorada.recipes.compress import env_info, evaluate_corpora, recovery_blocks
 from hylorada.compress import CompressConfig, compress_model
 from hylorada.compress.api import find_target_layers
 from hylorada.recipes.compress import recover_compressed

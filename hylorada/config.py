@@ -26,6 +26,19 @@ ATTENTION_TARGETS: dict[str, list[str]] = {
 }
 
 
+def field_flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field: `metadata["flag"]`, else `--name-with-dashes`.
+    hylorada/commands/flags.py generates flags from config fields with it, and
+    hylorada/recipes/tune.py writes `hylorada finetune` flags with it."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def option(default, help: str, **more) -> Any:
+    """A dataclass field whose metadata holds its help text (and "choices", "flag"): a field that
+    hylorada/commands/flags.py turns into a command-line flag."""
+    return field(default=default, metadata={"help": help, **more})
+
+
 def _fail(field_name: str, value: Any, allowed: str) -> None:
     raise UsageError(f"HyLoRADAConfig.{field_name}={value!r} is invalid: allowed {allowed}")
 
@@ -43,22 +56,27 @@ class HyLoRADAConfig:
     None "hylorada"; an explicit `method` wins.
     """
 
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    use_hylorada: InitVar[bool | None] = None
-    method: str | None = None
-    target_modules: list[str] | str | None = None
-    use_rslora: bool = False
-    init_lora_weights: str | None = None
-    lora_plus_enabled: bool = False
-    lora_plus_ratio: float = 16.0
-    gate_init: float = 0.0
-    residual_init: float = 0.1
-    temperature_init: float = 1.0
-    norm_eps: float = 1e-6
-    fused: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r", "flag": "--rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scale alpha/r", "flag": "--alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout", "flag": "--dropout"})
+    use_hylorada: InitVar[bool | None] = None  # legacy switch; see the docstring
+    method: str | None = field(default=None, metadata={"help": "the adapter", "choices": METHODS})
+    target_modules: list[str] | str | None = field(default=None, metadata={
+        "help": "module names/suffixes, or 'all-linear' (default: the attention projections)"})
+    use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r)", "flag": "--rslora"})
+    init_lora_weights: str | None = field(default=None, metadata={
+        "help": "init of A (default: orthogonal for hylorada, kaiming otherwise)", "flag": "--init",
+        "choices": INITS})
+    lora_plus_enabled: bool = field(default=False, metadata={"help": "LoRA+: lr of B = lora_plus_ratio x lr"})
+    lora_plus_ratio: float = field(default=16.0, metadata={"help": "LoRA+: lr of B = ratio x lr"})
+    gate_init: float = field(default=0.0, metadata={"help": "hylorada: the gate's sigmoid input at init"})
+    residual_init: float = field(default=0.1, metadata={
+        "help": "hylorada: the residual weight's sigmoid input at init"})
+    temperature_init: float = field(default=1.0, metadata={"help": "lorada: the attention temperature at init"})
+    norm_eps: float = field(default=1e-6, metadata={"help": "epsilon of the weight norms (DoRA, HyLoRADA)"})
+    fused: bool = field(default=True, metadata={
+        "help": "the fused autograd Function on dense bases (False: the plain autograd reference)"})
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "free-form entries kept with the config (saved, not read)"})
 
     def __post_init__(self, use_hylorada: bool | None) -> None:
         if use_hylorada is not None and not isinstance(use_hylorada, bool):

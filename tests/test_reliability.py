@@ -217,7 +217,7 @@ def test_finetune_merge_of_a_compressed_model_reloads_exactly(tiny, tmp_path):
 
 
 def test_merged_compressed_save_reload_is_bit_exact(tiny, tmp_path):
-    from hylorada.commands.finetune import _save_merged
+    from hylorada.recipes.finetune import save_merged as _save_merged
     from hylorada.config import HyLoRADAConfig
     from hylorada.loading import load_model
     from hylorada.model import HyLoRADAModel

@@ -60,7 +60,9 @@ def run(args: argparse.Namespace) -> int:
     import torch
 
     from ..benchmark import PRESETS, list_cells, make_config, run_benchmark
-    from ._common import as_flags, check_device, check_out_dir, check_positions, load_docs, load_model_checked
+    from .checks import check_device, check_out_dir, check_positions, load_docs
+    from .flags import as_flags
+    from .load import load_model_checked
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:

@@ -103,34 +103,55 @@ class CompressConfig:
         (hylorada/losses.py, hylorada/recipes/compress.py); compress_model does not read them.
     """
 
-    method: str = "whiten"
-    ratio: float | None = None
-    energy: float | None = None
-    alpha: float | None = None
-    budget: int | float | None = None
-    budget_energy: str = "relative"
-    target_modules: list[str] | None = None
-    overrides: dict[str, float | int | str] = field(default_factory=dict)
-    svd_solver: str = "full"
-    oversample: int = 10
-    n_iter: int = 2
-    whiten_method: str = "cholesky"
-    jitter: float = 1e-8
-    calib_blocks: int | None = None
-    calib_seq_len: int | None = None
-    calib_batch_size: int = 4
-    calib_precision: str = "exact"
-    force: bool = False
-    rank_multiple: int = 1
-    dtype: str | None = None
-    compute_dtype: str = "float64"
-    seed: int = 0
-    allocate: str = "uniform"
-    sensitivity_blocks: int = 8
-    calibrate: str = "dense"
-    update: str = "none"
-    recover_loss: str = "lm"
-    kd_temperature: float = 1.0
+    method: str = field(default="whiten", metadata={
+        "help": "svd: truncated SVD of W; whiten: SVD of W·L (SVD-LLM; needs calibration)", "choices": METHODS})
+    ratio: float | None = field(default=None, metadata={
+        "help": "fraction of the target linears' parameters removed, in (0, 1)"})
+    energy: float | None = field(default=None, metadata={"help": "share of Σσ² kept per layer, in (0, 1]"})
+    alpha: float | None = field(default=None, metadata={"help": "rank = floor(alpha·min(m, n)), in (0, 1]"})
+    budget: int | float | None = field(default=None, metadata={
+        "help": "parameters the target linears keep: a count, or a fraction in (0, 1) of their current ones"})
+    budget_energy: str = field(default="relative", metadata={
+        "help": "budget: σ² as a share of each layer's Σσ² (relative) or as is", "choices": BUDGET_ENERGY})
+    target_modules: list[str] | None = field(default=None, metadata={
+        "help": "module name piece to compress (default: every linear of the decoder layers)", "flag": "--target"})
+    overrides: dict[str, float | int | str] = field(default_factory=dict, metadata={
+        "help": "NAME=VALUE per-module setting: mlp=0.3, q_proj=64 (a rank), o_proj=dense", "flag": "--override"})
+    svd_solver: str = field(default="full", metadata={
+        "help": "full SVD, randomized, or gram (eigen-decomposition of the smaller Gram matrix)",
+        "choices": SOLVERS, "flag": "--solver"})
+    oversample: int = field(default=10, metadata={"help": "randomized solver: extra columns"})
+    n_iter: int = field(default=2, metadata={"help": "randomized solver: power iterations"})
+    whiten_method: str = field(default="cholesky", metadata={
+        "help": "factor of the Gram matrix: Cholesky (jitter on failure) or eigen-decomposition",
+        "choices": WHITEN_METHODS})
+    jitter: float = field(default=1e-8, metadata={"help": "Cholesky: jitter·tr(G)/n added on failure, x10 per retry"})
+    calib_blocks: int | None = field(default=None, metadata={"help": "calibration blocks (None: all given)"})
+    calib_seq_len: int | None = field(default=None, metadata={
+        "help": "tokens per calibration block (None: as given)"})
+    calib_batch_size: int = field(default=4, metadata={"help": "calibration blocks per forward"})
+    calib_precision: str = field(default="exact", metadata={
+        "help": "Gram products in float64 (exact) or per batch in the activation dtype, summed in float64 "
+                "(mixed; fast on a GPU)", "choices": CALIB_PRECISIONS})
+    force: bool = field(default=False, metadata={"help": "factorise even layers whose rank saves nothing"})
+    rank_multiple: int = field(default=1, metadata={
+        "help": "round ranks down to a multiple of this (8 keeps GPU GEMMs aligned)"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "storage dtype of the factors (default: the model's)", "flag": "--factor-dtype"})
+    compute_dtype: str = field(default="float64", metadata={"help": "dtype of the SVD and the whitening"})
+    seed: int = field(default=0, metadata={"help": "seed of the randomized solver and the calibration blocks"})
+    allocate: str = field(default="uniform", metadata={
+        "help": "ranks: uniform per matrix, or shared under the same budget by relative truncation loss "
+                "or by measured sensitivity", "choices": ALLOCATIONS})
+    sensitivity_blocks: int = field(default=8, metadata={"help": "calibration blocks the sensitivity is measured on"})
+    calibrate: str = field(default="dense", metadata={
+        "help": "whitening statistics from the dense model or from the model compressed so far",
+        "choices": CALIBRATIONS})
+    update: str = field(default="none", metadata={
+        "help": "re-solve the up factors by least squares against the dense outputs", "choices": UPDATES})
+    recover_loss: str = field(default="lm", metadata={
+        "help": "recovery loss: next-token (lm), distillation from the dense model (kd), or both"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "distillation temperature T"})
 
     def __post_init__(self) -> None:
         """Every field checked, in this order; the first bad one is a UsageError naming it, its
