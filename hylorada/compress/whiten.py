@@ -330,11 +330,11 @@ def whitened_svd(W: torch.Tensor, whitening: Whitening, k: int, solver: str = "f
 
 
 def calibration_blocks(tokenizer, corpora, n_blocks: int, seq_len: int, split: str = "train",
-                       seed: int = 0, window_prefix: str = "auto") -> torch.Tensor:
+                       seed: int | None = 0, window_prefix: str = "auto") -> torch.Tensor:
     """LongTensor [n_blocks, seq_len] of calibration text: each corpus's `split` documents as
     one token stream (hylorada.data.token_stream), cut into non-overlapping seq_len windows, of
-    which a seeded random subset is taken. Several corpora (a list or "kjv,shakespeare") share
-    the blocks as evenly as possible (a mix calibrates for both; SVD-LLM's one-corpus
+    which a seeded random subset is taken (seed None: the first windows, as `hylorada benchmark`
+    does). Several corpora (a list or "kjv,shakespeare") share the blocks as evenly as possible (a mix calibrates for both; SVD-LLM's one-corpus
     calibration hurts the other corpus badly). With window prefix "bos" (hylorada.data
     `resolve_window_prefix`) every block is BOS + seq_len - 1 stream tokens."""
     from .. import data
@@ -346,7 +346,7 @@ def calibration_blocks(tokenizer, corpora, n_blocks: int, seq_len: int, split: s
                          f"{names!r}, {n_blocks}, {seq_len}")
     bos = data.window_bos_id(tokenizer, window_prefix)
     span = seq_len - (bos is not None)
-    g = torch.Generator().manual_seed(seed)
+    g = None if seed is None else torch.Generator().manual_seed(seed)
     per = [n_blocks // len(names) + (i < n_blocks % len(names)) for i in range(len(names))]
     out = []
     for name, n in zip(names, per):
@@ -357,7 +357,7 @@ def calibration_blocks(tokenizer, corpora, n_blocks: int, seq_len: int, split: s
         if avail < n:
             raise ValueError(f"{name} ({split}) has {avail} blocks of {seq_len} tokens, {n} asked")
         windows = ids[: avail * span].reshape(avail, span)
-        pick = torch.randperm(avail, generator=g)[:n].sort().values
+        pick = torch.arange(n) if g is None else torch.randperm(avail, generator=g)[:n].sort().values
         if bos is not None:
             windows = torch.cat([torch.full((avail, 1), bos, dtype=windows.dtype), windows], dim=1)
         out.append(windows[pick])
