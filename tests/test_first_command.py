@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from hylorada import benchmark as bm
+from hylorada.recipes import benchmark as bm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
