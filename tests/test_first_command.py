@@ -4,7 +4,6 @@ and the frontier plot's clipped relative-perplexity axis. Tiny models; the timin
 in docs/BENCHMARK.md."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest

@@ -26,14 +26,13 @@ report), the tokenizer, report.md and results.json. Load it with hylorada.load_m
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
 import sys
 import time
 from pathlib import Path
 
 from ..errors import UsageError
+from ..utils.env import environment
 from .data_args import add_data_args, spec_from_args
 
 
@@ -194,23 +193,6 @@ def data_specs(args: argparse.Namespace, corpora: str) -> list:
     return [spec_from_args(args, source=n) for n in _sources(corpora)]
 
 
-def env_info() -> dict:
-    import torch
-
-    def version(pkg):
-        try:
-            from importlib.metadata import version as v
-            return v(pkg)
-        except Exception:
-            return None
-
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
-    return {"torch": torch.__version__, "transformers": version("transformers"),
-            "hylorada": version("hylorada"), "python": platform.python_version(),
-            "device": dev, "threads": torch.get_num_threads(),
-            "date": _dt.datetime.now().isoformat(timespec="seconds")}
-
-
 def run(args: argparse.Namespace) -> int:
     import torch
 
@@ -315,7 +297,7 @@ def run(args: argparse.Namespace) -> int:
 
     results = {"command": "compress", "argv": sys.argv, "args": {k: v for k, v in vars(args).items() if k != "func"},
                "report": report.to_dict(), "window_prefix": window_prefix, "perplexity": ppl, "recovery": recovery,
-               "size_bytes": {"dense": size_dense, "final": size_after}, "timings": timings, "env": env_info()}
+               "size_bytes": {"dense": size_dense, "final": size_after}, "timings": timings, "env": environment(args.device)}
     if args.out:
         out = save_compressed(model, args.out, report=report, tokenizer=tokenizer, overwrite=args.overwrite,
                               extra={"report.md": report.to_markdown(),

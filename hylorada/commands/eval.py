@@ -11,13 +11,12 @@ none never. The resolved value is printed and recorded in the JSON.
 from __future__ import annotations
 
 import argparse
-import datetime as _dt
 import json
-import platform
 import time
 from pathlib import Path
 
 from ..errors import UsageError
+from ..utils.env import environment
 from .data_args import add_data_args, spec_from_args
 
 
@@ -141,9 +140,7 @@ def run(args: argparse.Namespace) -> int:
             "lim": lim.to_dict() if lim is not None else None,
             "size": size.to_dict(),
             "timings": timings,
-            "env": {"torch": torch.__version__, "transformers": _version("transformers"),
-                    "python": platform.python_version(), "threads": torch.get_num_threads(),
-                    "machine": platform.machine(), "date": _dt.datetime.now().isoformat(timespec="seconds")},
+            "env": environment(args.device),
         }
         path = Path(args.json_out)
         write_text_atomic(path, json.dumps(evaluate.jsonable(out), indent=2))
@@ -151,9 +148,3 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
-def _version(pkg: str) -> str | None:
-    try:
-        from importlib.metadata import version
-        return version(pkg)
-    except Exception:
-        return None

@@ -28,10 +28,10 @@ import argparse
 import datetime as _dt
 import json
 import os
-import platform
 import time
 from pathlib import Path
 
+from ..utils.env import environment
 from .data_args import add_data_args, spec_from_args
 
 
@@ -343,7 +343,7 @@ def run(args: argparse.Namespace) -> int:
             "ppl_after": ppl_after,
             "train": result.to_dict(),
             "timings": timings,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+            "versions": environment(str(device))["versions"],
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         })
         _write_json_atomic(out / "finetune.json", log)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import fnmatch
 import hashlib
+import importlib
 import json
 import logging
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ class Cell:
 
 def peft_available() -> bool:
     try:
-        import peft  # noqa: F401
+        importlib.import_module("peft")
     except ImportError:
         return False
     return True
