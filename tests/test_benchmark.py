@@ -276,3 +276,12 @@ def test_presets_are_valid_and_sized():
         bm.make_config("huge")
     with pytest.raises(ValueError, match="ratios"):
         bm.make_config("cpu-quick", ratios=[1.5])
+
+
+def test_calibration_is_the_first_train_blocks(tiny_assets):
+    """The benchmark's whitening calibration (compress/whiten.py calibration_blocks, seed None) is
+    the first n blocks the training rows see (data.py pack_blocks), as in the published runs."""
+    model, data = tiny_assets
+    runner = CellRunner(tiny_config(model, data))
+    calib = runner.calibration(data, 5, 16)
+    assert torch.equal(calib, runner.train_blocks(data, 16)["input_ids"][:5])
