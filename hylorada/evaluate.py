@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -61,6 +62,8 @@ def jsonable(x):
         return [jsonable(v) for v in x]
     if isinstance(x, torch.dtype):
         return str(x).removeprefix("torch.")
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
     return x
 
 

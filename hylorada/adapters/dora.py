@@ -73,6 +73,11 @@ class DoRALayer(AdapterLayer):
         m0 = self.weight_norm_sq.sqrt().to(self.lora_A.dtype)
         self.magnitude = nn.Parameter(m0.clone())
 
+    @classmethod
+    def param_shapes(cls, d_in: int, d_out: int, rank: int, **needed: int | None) -> dict[str, tuple[int, ...]]:
+        """LoRA's A and B plus the magnitude m (d_out); ||W||²_row is a buffer."""
+        return {**super().param_shapes(d_in, d_out, rank, **needed), "magnitude": (d_out,)}
+
     def weight_norm(self) -> torch.Tensor:
         """||W'||_row (no gradient), by the factored formula."""
         return factored_weight_norm(self.base_layer, self.weight_norm_sq, self.lora_A, self.lora_B,

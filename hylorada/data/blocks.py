@@ -181,11 +181,12 @@ def source_list(sources) -> list:
 
 
 def calibration_blocks(tokenizer, corpora, n_blocks: int, seq_len: int, split: str = "train",
-                       seed: int = 0, window_prefix: str = "auto") -> torch.Tensor:
+                       seed: int | None = 0, window_prefix: str = "auto") -> torch.Tensor:
     """LongTensor [n_blocks, seq_len] of calibration text: each source's `split` texts
     (`load_corpus`, conversations rendered with the chat template) as one `token_stream`, cut
     by `pack_blocks` (BOS + seq_len - 1 tokens under window prefix "bos"), the full blocks only
-    (no padding), of which a seeded random subset is taken (sorted, so in stream order).
+    (no padding), of which a seeded random subset is taken (sorted, so in stream order; seed None: the first
+    n_blocks, as `hylorada benchmark` calibrates).
     Several sources (a list or "kjv,shakespeare") share the blocks as evenly as possible, the
     first ones taking one more (a mix calibrates for both; calibrating on one corpus alone
     hurts the other one badly)."""
@@ -194,7 +195,7 @@ def calibration_blocks(tokenizer, corpora, n_blocks: int, seq_len: int, split: s
         raise ValueError(f"calibration needs corpora, n_blocks >= 1 and seq_len >= 2; got "
                          f"{names!r}, {n_blocks}, {seq_len}")
     bos = window_bos_id(tokenizer, window_prefix)
-    g = torch.Generator().manual_seed(seed)
+    g = None if seed is None else torch.Generator().manual_seed(seed)
     per = [n_blocks // len(names) + (i < n_blocks % len(names)) for i in range(len(names))]
     out = []
     for name, n in zip(names, per):
@@ -206,7 +207,8 @@ def calibration_blocks(tokenizer, corpora, n_blocks: int, seq_len: int, split: s
         avail = windows.shape[0]
         if avail < n:
             raise UsageError(f"{name} ({split}) has {avail} blocks of {seq_len} tokens, {n} asked")
-        out.append(windows[torch.randperm(avail, generator=g)[:n].sort().values])
+        pick = torch.arange(n) if g is None else torch.randperm(avail, generator=g)[:n].sort().values
+        out.append(windows[pick])
     return torch.cat(out)
 
 

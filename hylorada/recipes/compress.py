@@ -13,13 +13,11 @@ The math of compression lives in hylorada/compress/; recovery adds the training
 from __future__ import annotations
 
 import copy
-import datetime as _dt
 import json
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+
 
 import torch
 from torch import nn
@@ -35,6 +33,7 @@ from ..layers import in_out_features
 from ..losses import check_loss
 from ..model import HyLoRADAModel
 from ..train import TrainConfig, train
+from ..utils.env import environment
 
 __all__ = ["recover_compressed", "compress_and_save", "CompressSettings", "RECOVER_SCHEDULES", "RECOVER_TARGETS"]
 
@@ -253,7 +252,7 @@ def compress_and_save(model, tokenizer, config: CompressConfig, settings: Compre
     results = {"command": "compress", "argv": settings.record.get("argv"), "args": settings.record.get("args"),
                "report": report.to_dict(), "window_prefix": recipe.window_prefix, "perplexity": recipe.ppl,
                "recovery": recovery, "size_bytes": {"dense": size_dense, "final": size_after},
-               "timings": recipe.timings, "env": env_info()}
+               "timings": recipe.timings, "env": environment(str(next(model.parameters()).device))}
     if settings.out:
         recipe.save(report, results)
     return results
@@ -289,18 +288,3 @@ def sources(corpora) -> list:
     return [c.strip() for c in corpora.split(",") if c.strip()] if isinstance(corpora, str) else list(corpora)
 
 
-def package_version(pkg: str) -> str | None:
-    try:
-        from importlib.metadata import version
-        return version(pkg)
-    except Exception:
-        return None
-
-
-def env_info() -> dict[str, Any]:
-    """The environment recorded in results.json: versions, device, threads, date."""
-    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else platform.processor() or platform.machine()
-    return {"torch": torch.__version__, "transformers": package_version("transformers"),
-            "hylorada": package_version("hylorada"), "python": platform.python_version(),
-            "device": dev, "threads": torch.get_num_threads(),
-            "date": _dt.datetime.now().isoformat(timespec="seconds")}

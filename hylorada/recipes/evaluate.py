@@ -11,9 +11,7 @@ not scored).
 """
 from __future__ import annotations
 
-import datetime as _dt
 import json
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +21,7 @@ import torch
 
 from .. import data, evaluate
 from ..utils.io import atomic_write_text
-from .compress import package_version
+from ..utils.env import environment
 
 
 @dataclass
@@ -86,7 +84,7 @@ def evaluate_split(model, tokenizer, s: EvalSettings, *, load_s: float = 0.0) ->
         "data": {"name": str(s.data), "split": s.split, "documents": len(docs),
                  "tokens_total": int(total_tokens), "tokens_evaluated": int(ids.shape[1])},
         "window_prefix": window_prefix, "perplexity": ppl, "lim": lim.to_dict() if lim is not None else None,
-        "size": size.to_dict(), "timings": timings, "env": _env(),
+        "size": size.to_dict(), "timings": timings, "env": environment(str(next(model.parameters()).device)),
     }
     if s.json_out:
         atomic_write_text(Path(s.json_out), json.dumps(evaluate.jsonable(record), indent=2))
@@ -120,7 +118,3 @@ def _table(rows: list[tuple[str, str]]) -> str:
     return "\n".join(f"  {k:<{w}}  {v}" for k, v in rows)
 
 
-def _env() -> dict:
-    return {"torch": torch.__version__, "transformers": package_version("transformers"),
-            "python": platform.python_version(), "threads": torch.get_num_threads(),
-            "machine": platform.machine(), "date": _dt.datetime.now().isoformat(timespec="seconds")}

@@ -9,7 +9,7 @@
     recipe.save()                     adapter/, merged/ (optional), finetune.json
     recipe.cleanup()
 
-`finetune(...)` runs these in order. Data (hylorada/data.py): training blocks are the train
+`finetune(...)` runs these in order. Data (hylorada/data/): training blocks are the train
 split packed into `seq_len` blocks; in-training validation the valid split packed the same way
 (first `max_eval_tokens` tokens); perplexity the valid and test splits, "\\n\\n"-joined,
 `eval_seq_len` windows, first `max_eval_tokens` tokens; every block and window starts with BOS
@@ -24,7 +24,6 @@ import datetime as _dt
 import json
 import logging
 import os
-import platform
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -38,6 +37,7 @@ from ..errors import UsageError
 from ..model import HyLoRADAModel
 from ..train import NonFiniteLossError, TrainConfig, find_checkpoint, read_checkpoint_state, train
 from ..utils import io
+from ..utils.env import versions
 
 # The config fields `hylorada finetune` sets by a flag: hylorada/commands/finetune.py generates
 # the flags from them, hylorada/recipes/tune.py writes the flags that reproduce a trial.
@@ -262,7 +262,7 @@ class FinetuneRecipe:
             "ppl_after": self.ppl["after"],
             "train": self.result.to_dict(),
             "timings": self.timings,
-            "versions": {"python": platform.python_version(), "torch": torch.__version__},
+            "versions": versions(),
             "finished": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         })
         _write_json(self.out / "finetune.json", self.log)
