@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hylorada import HyLoRADAConfig, HyLoRADAModel  # noqa: E402
+from hylorada.utils.env import environment  # noqa: E402
 
 SHAPES = {
     # TinyLlama-1.1B: hidden 2048, intermediate 5632, 22 layers, 32 heads / 4 kv heads, vocab 32000
@@ -289,15 +289,7 @@ def main(argv=None) -> int:
     device = args.device
     parts = set(args.parts.split(","))
     torch.backends.cuda.matmul.allow_tf32 = False
-    info = {"device": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
-            "torch": torch.__version__, "python": platform.python_version(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "args": vars(args)}
-    try:
-        import peft
-        import transformers
-        info.update(peft=peft.__version__, transformers=transformers.__version__)
-    except ImportError:
-        pass
+    info = {**environment(device), "args": vars(args)}
     print(json.dumps(info), flush=True)
     rows: list[dict] = []
     g = torch.Generator().manual_seed(0)

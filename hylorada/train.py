@@ -38,8 +38,9 @@ from torch import nn
 from .checkpoint import (CHECKPOINT_BEST, CHECKPOINT_LAST, BlockSampler, find_checkpoint, load_adapter_checkpoint,
                          load_training_state, refuse_overwriting_checkpoints, rng_state, seed_everything,
                          set_rng_state, write_checkpoint)
+from .config import option
 from .errors import UsageError
-from .losses import causal_lm_loss_sum, check_loss, count_targets, logits_of, step_loss_sum
+from .losses import LOSSES, causal_lm_loss_sum, check_loss, count_targets, logits_of, step_loss_sum
 from .optim import base_group, build_optimizer, build_scheduler, clear_grads, freeze_base
 
 logger = logging.getLogger(__name__)
@@ -68,11 +69,6 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 # configuration and result
 # ----------------------------------------------------------------------------------------------
-def option(default: Any, help: str) -> Any:
-    """A dataclass field whose metadata["help"] documents it (the CLI flags are made from it)."""
-    return field(default=default, metadata={"help": help})
-
-
 @dataclass
 class TrainConfig:
     """Training hyper-parameters; each field's metadata["help"] says what it does and allows."""
@@ -90,7 +86,8 @@ class TrainConfig:
     warmup_steps: int = option(0, "Linear warm-up steps, an integer >= 0: the lr factor is "
                                   "(s+1)/(warmup_steps+1) for step index s < warmup_steps.")
     schedule: str = option("cosine", "Decay after warm-up down to min_lr_ratio: 'cosine', "
-                                     "'linear' or 'constant'.")
+                                     "'linear' or 'constant'.", choices=SCHEDULES)
+
     min_lr_ratio: float = option(0.0, "Final lr factor of the cosine and linear schedules, a "
                                       "number in [0, 1].")
     max_grad_norm: float | None = option(1.0, "Clip the global gradient norm to this finite "
@@ -109,7 +106,8 @@ class TrainConfig:
     resume: bool = option(False, "True: continue from out_dir/checkpoint-last when it exists (a "
                                  "fresh start otherwise); needs out_dir.")
     mixed_precision: str = option("auto", "'auto' (bf16 autocast on CUDA with bf16 support, fp32 "
-                                          "otherwise), 'no' or 'bf16'.")
+                                          "otherwise), 'no' or 'bf16'.", choices=MIXED_PRECISION)
+
     log_every: int = option(10, "Write a train_log.jsonl line and a log message every N steps, an "
                                 "integer >= 0 (0: never).")
     progress: bool = option(True, "True or False: show a tqdm progress bar (main process only).")
@@ -120,12 +118,14 @@ class TrainConfig:
                                                        "forward/backward (distributed runs only).")
     loss: str = option("lm", "Objective: 'lm' (next-token cross-entropy), 'kd' or 'kd+lm' "
                              "(distillation from the teacher given to train(), hylorada/losses.py); "
-                             "validation stays the LM loss.")
+                             "validation stays the LM loss.", choices=LOSSES)
+
     kd_temperature: float = option(1.0, "Temperature T of the distillation softmax (the KL is "
                                         "scaled by T²), a finite number > 0.")
     compile: str = option("auto", "torch.compile the training forward: 'auto' (on when the device "
                                   "is CUDA), 'yes' or 'no'; results agree with eager up to float "
-                                  "rounding.")
+                                  "rounding.", choices=COMPILE)
+
     compile_backend: str = option("inductor", "The torch.compile backend when compile is on, e.g. "
                                               "'inductor' or 'aot_eager' (the CPU tests).")
 

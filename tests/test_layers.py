@@ -6,7 +6,7 @@
     3  adapters, compress       (compress: math + save/load; recovery is a recipe)
     4  loading, model
     5  train, checkpoint, optim
-    6  recipes, benchmark, tune
+    6  recipes (benchmark/ inside)
     7  commands, cli
 
 Imports inside functions count too (a lazy import is still a dependency). KNOWN_UPWARD lists the
@@ -26,13 +26,11 @@ LAYERS = [
     {"adapters", "compress"},
     {"loading", "model"},
     {"train", "checkpoint", "optim"},
-    {"recipes", "benchmark", "tune"},
+    {"recipes"},
     {"commands", "cli"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
-KNOWN_UPWARD = {
-    ("tune", "commands"),  # tune.finetune_options() reads `hylorada finetune`'s flags
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _target(module: str, is_package: bool, node: ast.ImportFrom) -> str:
