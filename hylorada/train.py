@@ -42,6 +42,7 @@ from .config import option
 from .errors import UsageError
 from .losses import LOSSES, causal_lm_loss_sum, check_loss, count_targets, logits_of, step_loss_sum
 from .optim import base_group, build_optimizer, build_scheduler, clear_grads, freeze_base
+from .nn.compile import SCOPES, compile_forward
 
 logger = logging.getLogger(__name__)
 
@@ -126,6 +127,11 @@ class TrainConfig:
                                   "is CUDA), 'yes' or 'no'; results agree with eager up to float "
                                   "rounding.", choices=COMPILE)
 
+    compile_scope: str = option("blocks", "What compile covers: 'blocks' (each repeated decoder "
+                                          "block compiled once and reused: compile time of one "
+                                          "layer) or 'model' (one graph for the whole forward); "
+                                          "hylorada/nn/compile.py.", choices=SCOPES)
+
     compile_backend: str = option("inductor", "The torch.compile backend when compile is on, e.g. "
                                               "'inductor' or 'aot_eager' (the CPU tests).")
 
@@ -173,6 +179,8 @@ class TrainConfig:
         check_loss(self.loss, self.kd_temperature, "TrainConfig.loss", "TrainConfig.kd_temperature")
         if self.compile not in COMPILE:
             bad("compile", f"one of {list(COMPILE)}")
+        if self.compile_scope not in SCOPES:
+            bad("compile_scope", f"one of {list(SCOPES)}")
         if not isinstance(self.compile_backend, str) or not self.compile_backend:
             bad("compile_backend", "the name of a torch.compile backend, e.g. 'inductor'")
 
@@ -386,9 +394,11 @@ class Trainer:
             # length (the sampler runs on into the next epoch, never a short last batch), so a
             # process's shapes never change; dynamic=False keeps them static. Only the training forward is
             # compiled: evaluation (no_grad, eval mode) would be a second graph for little gain.
-            self.forward = torch.compile(self.ddp_model, backend=self.config.compile_backend, dynamic=False)
+            self.forward = compile_forward(self.ddp_model, self.config.compile_scope,
+                                           backend=self.config.compile_backend, dynamic=False)
             if self.is_main:
-                logger.info("torch.compile on (backend %s)", self.config.compile_backend)
+                logger.info("torch.compile on (backend %s, scope %s)", self.config.compile_backend,
+                            self.config.compile_scope)
 
     # ---- one step ------------------------------------------------------------------------------
     def _autocast(self):

@@ -326,10 +326,12 @@ def test_in_process_resume_after_non_finite_loss(tmp_path):
 
 
 # ---- torch.compile -----------------------------------------------------------------------------
-@pytest.mark.parametrize("method", ["lora", "hylorada"])
-def test_compiled_training_matches_eager_and_never_recompiles(method):
-    """compile="yes" (aot_eager on the CPU): the eager losses and adapter, one compiled graph
-    made at step 1 and reused by every later micro-batch (dynamo raises on a recompile)."""
+@pytest.mark.parametrize("method,scope", [("lora", "model"), ("hylorada", "model"), ("lora", "blocks"),
+                                          ("hylorada", "blocks")])
+def test_compiled_training_matches_eager_and_never_recompiles(method, scope):
+    """compile="yes" (aot_eager on the CPU): the eager losses and adapter, the graphs made at
+    step 1 and reused by every later micro-batch (dynamo raises on a recompile); with scope
+    "blocks" one graph serves every decoder layer."""
     import torch._dynamo
     from torch._dynamo.utils import counters
 
@@ -345,10 +347,17 @@ def test_compiled_training_matches_eager_and_never_recompiles(method):
         seen[step] = (counters["frames"]["total"], counters["stats"]["unique_graphs"])
 
     model = make_model(method, dropout=0.1)
-    with torch._dynamo.config.patch(error_on_recompile=True):
-        res = train(model, blocks, None, cfg(compile="yes", compile_backend="aot_eager", **c), callback=graphs)
+    # scope "model": one graph, and dynamo raises on any recompile. Scope "blocks": layer 0 gets
+    # an input without grad (the frozen embedding), the later layers one with grad, and
+    # transformers passes no mask to the layers when a micro-batch has no padding: at most four
+    # graphs for any depth, all made at step 1 here (these blocks pad), none after.
+    with torch._dynamo.config.patch(error_on_recompile=scope == "model"):
+        res = train(model, blocks, None, cfg(compile="yes", compile_backend="aot_eager", compile_scope=scope, **c),
+                    callback=graphs)
     assert res.compiled and not eager.compiled
     assert seen[1] == seen[3] and seen[1][1] >= 1  # compiled at step 1, nothing new after
+    if scope == "blocks":
+        assert seen[1][1] <= 4
     assert res.losses == pytest.approx(eager.losses, abs=1e-5)
     assert res.grad_norms == pytest.approx(eager.grad_norms, abs=1e-5)
     assert max_diff(adapter(model), adapter(eager_model)) < 1e-5
@@ -456,3 +465,18 @@ def test_cuda_bf16_autocast_and_resume(tmp_path):
     assert resumed.start_step == 2
     assert resumed.losses == pytest.approx(full.losses, abs=1e-6)
     assert max_diff(adapter(resumed_model), adapter(full_model)) < 1e-6
+
+
+def test_compile_forward_blocks_leaves_the_model_alone_and_shares_its_parameters():
+    """Scope "blocks": the returned module's decoder layers are compiled wrappers around the very
+    same layer objects (one set of parameters); the model's own layers stay plain modules."""
+    from hylorada.nn.compile import compile_forward
+
+    model = make_model("lora")
+    layers = model.base_model.layers
+    f = compile_forward(model, "blocks", backend="aot_eager")
+    new_layers = f.base_model.layers
+    assert all(type(a).__name__ == "OptimizedModule" for a in new_layers)
+    assert all(a._orig_mod is b for a, b in zip(new_layers, layers))
+    assert all(type(b).__name__ != "OptimizedModule" for b in layers)
+    assert {id(p) for p in f.parameters()} == {id(p) for p in model.parameters()}
