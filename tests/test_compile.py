@@ -61,6 +61,16 @@ def test_no_graph_breaks(method, p, train):
     assert _break_count(_wrapped(method, p, train), _ids()) == 0
 
 
+@pytest.mark.parametrize("method", ["dora", "hylorada"])
+def test_no_graph_breaks_under_bf16_autocast(method):
+    """The GPU training setting: bf16 weights (adapters kept in fp32), bf16 autocast; the fused
+    path reads the autocast dtype and applies c in fp32 inside the graph."""
+    model = _wrapped(method, 0.05, True, tiny_llama(num_hidden_layers=1).to(torch.bfloat16))
+    assert model.trainable_parameters()[0].dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert _break_count(model, _ids()) == 0
+
+
 @pytest.mark.parametrize("method", ["lora", "hylorada"])
 def test_no_graph_breaks_on_factorized_bases(method):
     """Adapters on a compressed model (FactorizedLinear bases: the recovery path), and the
