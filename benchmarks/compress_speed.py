@@ -111,7 +111,6 @@ def compressed_row(args, device, ratio: float) -> dict:
                    f"size {report.model_params_after / 1e6:.0f}M params)",
                    check="factorized vs its dense equivalent, fp32",
                    rel_err=dense_equivalent_error(model, ids[:1, :256]))
-    del model
     peak_reset(device)
     return row
 

@@ -18,7 +18,7 @@ of its comma-separated shell patterns; --frozen adds frozen/* to them.
 One JSON file collects the rows of several calls: with --append the rows already in --out are
 kept, rows measured again replace theirs, and rows already there are skipped unless --redo
 (resume). The file is rewritten atomically after every row, so a call stopped by a time limit
-keeps what it finished; --stop-after-s stops starting new rows after that many seconds. Every
+keeps what it finished (and marks the row it was in as unfinished); --stop-after-s stops starting new rows after that many seconds. Every
 call adds its versions (GPU, host CPU, torch, CUDA, transformers, peft, commit) to `runs`, and
 each row names its run; the table compares rows of the same device and versions only.
 """
@@ -180,6 +180,8 @@ def main(argv=None) -> int:
         if args.stop_after_s is not None and time.perf_counter() - start > args.stop_after_s:
             print(f"--stop-after-s {args.stop_after_s:g} reached; not started: {row.id} and later rows", flush=True)
             break
+        store.put({"id": row.id, "run": store.run,  # replaced when the row finishes
+                   "error": f"started {time.strftime('%H:%M:%S')}, did not finish (the call was stopped)"})
         result = measure(row, store.run, args.device)
         store.put(result)
         print(fmt_row(result), flush=True)

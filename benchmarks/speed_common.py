@@ -132,7 +132,7 @@ def versions(device: str) -> dict:
 
 
 def fmt_row(row: dict) -> str:
-    keys = ["id", "ms", "host_ms", "first_step_s", "graph_breaks", "recompiles", "peak_gib",
+    keys = ["id", "ms", "host_ms", "first_step_s", "graph_breaks", "recompiles", "alloc_retries", "peak_gib",
             "prefill_ms", "decode_ms_per_token", "tokens_per_s", "seconds", "energy_gap",
             "rel_err", "grad_rel_err", "tokens_agree", "error"]
     out = []

@@ -66,7 +66,7 @@ def decode_table(ix: Index) -> list[str]:
 
 
 def other_table(ix: Index) -> list[str]:
-    lines = ["| row | what | ms | tokens/s | vs base/dense | seconds | energy gap | peak GiB | check (rel. err.) |",
+    lines = ["| row | what | ms | tokens/s | merge: time / base; compressed: speed-up | seconds | energy gap | peak GiB | check (rel. err.) |",
              "|---|---|---:|---:|---:|---:|---:|---:|---|"]
     for r in ix.rows:
         if r.get("part") not in ("merge", "compress", "compressed"):

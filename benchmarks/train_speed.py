@@ -14,7 +14,8 @@ Row ids: `frozen/<mode>` (the frozen model's forward, no adapters, no grad: the 
 is about 2x it), `train/<mode>/<dropout>/<method>` with method in peft-lora, peft-dora, lora,
 dora, hylorada, lorada, and `merge/<variant>`.
 
-Each train row has the step time (median), the host time to issue a step, the first step (the
+Each train row has the step time (median), the host time to issue a step, the caching
+allocator's retries during the timed steps (each one frees cached blocks and synchronizes), the first step (the
 compilation), graph breaks / graphs / recompiles (dynamo's counters of the timed model), the
 steady-state peak memory, and an fp32 check on a `--check-layers`-layer model of the same
 widths: our fused path (compiled in compiled rows) against the plain-autograd reference path
@@ -107,16 +108,23 @@ def train_step_fn(run_model, params, ids, device):
     return step
 
 
+def alloc_retries(device) -> int | None:
+    return torch.cuda.memory_stats().get("num_alloc_retries", 0) if device.startswith("cuda") else None
+
+
 def _timing(row: dict, step, args, device) -> None:
     t0 = time.perf_counter()
     step()  # compiles in compiled rows
     sync(device)
     row["first_step_s"] = time.perf_counter() - t0
     peak_reset(device)
+    retries = alloc_retries(device)
     wall, host = timed(step, device, args.steps, args.warmup)
     row["ms"] = 1000 * statistics.median(wall)
     row["host_ms"] = 1000 * statistics.median(host)
     row["peak_gib"] = peak_gib(device)
+    if retries is not None:  # cudaMalloc retries (frees + sync) during the timed steps: should be 0
+        row["alloc_retries"] = alloc_retries(device) - retries
 
 
 def _dynamo_fields(row: dict, graphs_after_first: int) -> None:
