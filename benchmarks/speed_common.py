@@ -3,11 +3,8 @@ decode_speed.py): model shapes, timing, memory, versions, one row type."""
 from __future__ import annotations
 
 import gc
-import platform
-import subprocess
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Callable
 
 import torch
@@ -97,38 +94,16 @@ def autocast(device: str):
     return torch.autocast(device_type=device.split(":")[0], dtype=torch.bfloat16)
 
 
-def _git_commit() -> str | None:
-    try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).resolve().parents[1],
-                             capture_output=True, text=True, timeout=10)
-        return out.stdout.strip() or None
-    except (OSError, subprocess.SubprocessError):
-        return None
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor()
-
-
 def versions(device: str) -> dict:
-    """What a number depends on: GPU, host CPU (the DoRA family's eager step is bound by kernel
-    launches), torch / CUDA / transformers / peft versions, the commit of this tree."""
-    info = {"device": torch.cuda.get_device_name() if is_cuda(device) else "cpu",
-            "host_cpu": _cpu_name(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "commit": _git_commit(),
-            "date": time.strftime("%Y-%m-%d %H:%M:%S")}
-    for name in ("transformers", "peft"):
-        try:
-            info[name] = __import__(name).__version__
-        except ImportError:
-            info[name] = None
-    return info
+    """The environment record (hylorada/utils/env.py) with flat keys for the table: GPU name
+    (`device`), host CPU (the DoRA family's eager step is bound by kernel launches), torch, CUDA,
+    transformers, peft, commit."""
+    from hylorada.utils.env import cpu_name, environment
+    env = environment(device)
+    v = env["versions"]
+    return {**env, "device": env["device_name"], "host_cpu": cpu_name(), "cuda": torch.version.cuda,
+            "torch": v["torch"], "transformers": v["transformers"], "peft": v["peft"],
+            "commit": env["git_commit"]}
 
 
 def fmt_row(row: dict) -> str:

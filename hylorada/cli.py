@@ -39,7 +39,7 @@ class Parser(argparse.ArgumentParser):
 
 def build_parser() -> argparse.ArgumentParser:
     from . import __version__
-    from .commands._common import apply_ranges
+    from .commands.flags import apply_ranges
 
     parser = Parser(prog="hylorada", description=DESCRIPTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--version", action="version", version=f"hylorada {__version__}")

@@ -1,14 +1,15 @@
 """HyLoRADAConfig: the validated description of which adapter goes where.
 
 Field names of the original project are kept (`lora_rank`, `lora_alpha`, `lora_dropout`,
-`use_hylorada`, `lora_plus_enabled`, `lora_plus_ratio`, `gate_init`, `residual_init`).
+`lora_plus_enabled`, `lora_plus_ratio`, `gate_init`, `residual_init`); its `use_hylorada` switch
+is still accepted as an argument and read as a property of `method`.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +26,19 @@ ATTENTION_TARGETS: dict[str, list[str]] = {
 }
 
 
+def field_flag(f: dataclasses.Field) -> str:
+    """The command-line flag of a config field: `metadata["flag"]`, else `--name-with-dashes`.
+    hylorada/commands/flags.py generates flags from config fields with it, and
+    hylorada/recipes/tune.py writes `hylorada finetune` flags with it."""
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def option(default, help: str, **more) -> Any:
+    """A dataclass field whose metadata holds its help text (and "choices", "flag"): a field that
+    hylorada/commands/flags.py turns into a command-line flag."""
+    return field(default=default, metadata={"help": help, **more})
+
+
 def _fail(field_name: str, value: Any, allowed: str) -> None:
     raise UsageError(f"HyLoRADAConfig.{field_name}={value!r} is invalid: allowed {allowed}")
 
@@ -36,38 +50,46 @@ class HyLoRADAConfig:
     scale s = lora_alpha / lora_rank, or lora_alpha / sqrt(lora_rank) with `use_rslora`.
     `fused` runs the fused autograd Function (adapters/fused.py) on dense bases; `fused=False`
     runs the plain autograd reference.
-    `method=None` follows `use_hylorada` ("hylorada" if True, else "lora"); an explicit
-    `method` wins and `use_hylorada` is set to `method == "hylorada"`.
+    `method` is the one source of the method. `use_hylorada` (the original project's switch) is
+    a read-only property, `method == "hylorada"`; it is still accepted as an argument (saved
+    adapter configs and older code pass it): with `method=None`, False means "lora" and True or
+    None "hylorada"; an explicit `method` wins.
     """
 
-    lora_rank: int = 8
-    lora_alpha: float = 16.0
-    lora_dropout: float = 0.05
-    use_hylorada: bool = True
-    method: str | None = None
-    target_modules: list[str] | str | None = None
-    use_rslora: bool = False
-    init_lora_weights: str | None = None
-    lora_plus_enabled: bool = False
-    lora_plus_ratio: float = 16.0
-    gate_init: float = 0.0
-    residual_init: float = 0.1
-    temperature_init: float = 1.0
-    norm_eps: float = 1e-6
-    fused: bool = True
-    extra: dict[str, Any] = field(default_factory=dict)
+    lora_rank: int = field(default=8, metadata={"help": "LoRA rank r", "flag": "--rank"})
+    lora_alpha: float = field(default=16.0, metadata={"help": "LoRA alpha; scale alpha/r", "flag": "--alpha"})
+    lora_dropout: float = field(default=0.05, metadata={"help": "LoRA dropout", "flag": "--dropout"})
+    use_hylorada: InitVar[bool | None] = None  # legacy switch; see the docstring
+    method: str | None = field(default=None, metadata={"help": "the adapter", "choices": METHODS})
+    target_modules: list[str] | str | None = field(default=None, metadata={
+        "help": "module names/suffixes, or 'all-linear' (default: the attention projections)"})
+    use_rslora: bool = field(default=False, metadata={"help": "scale alpha/sqrt(r)", "flag": "--rslora"})
+    init_lora_weights: str | None = field(default=None, metadata={
+        "help": "init of A (default: orthogonal for hylorada, kaiming otherwise)", "flag": "--init",
+        "choices": INITS})
+    lora_plus_enabled: bool = field(default=False, metadata={"help": "LoRA+: lr of B = lora_plus_ratio x lr"})
+    lora_plus_ratio: float = field(default=16.0, metadata={"help": "LoRA+: lr of B = ratio x lr"})
+    gate_init: float = field(default=0.0, metadata={"help": "hylorada: the gate's sigmoid input at init"})
+    residual_init: float = field(default=0.1, metadata={
+        "help": "hylorada: the residual weight's sigmoid input at init"})
+    temperature_init: float = field(default=1.0, metadata={"help": "lorada: the attention temperature at init"})
+    norm_eps: float = field(default=1e-6, metadata={"help": "epsilon of the weight norms (DoRA, HyLoRADA)"})
+    fused: bool = field(default=True, metadata={
+        "help": "the fused autograd Function on dense bases (False: the plain autograd reference)"})
+    extra: dict[str, Any] = field(default_factory=dict, metadata={"help": "free-form entries kept with the config (saved, not read)"})
 
-    def __post_init__(self) -> None:
-        for name in ("use_hylorada", "use_rslora", "lora_plus_enabled", "fused"):
+    def __post_init__(self, use_hylorada: bool | None) -> None:
+        if use_hylorada is not None and not isinstance(use_hylorada, bool):
+            _fail("use_hylorada", use_hylorada, "True or False")
+        for name in ("use_rslora", "lora_plus_enabled", "fused"):
             if not isinstance(getattr(self, name), bool):
                 _fail(name, getattr(self, name), "True or False")
         if not isinstance(self.extra, dict):
             _fail("extra", self.extra, "a dict")
         if self.method is None:
-            self.method = "hylorada" if self.use_hylorada else "lora"
+            self.method = "lora" if use_hylorada is False else "hylorada"
         if self.method not in METHODS:
             _fail("method", self.method, f"one of {list(METHODS)}")
-        self.use_hylorada = self.method == "hylorada"
         if self.init_lora_weights is None:
             self.init_lora_weights = "orthogonal" if self.method == "hylorada" else "kaiming"
         if self.init_lora_weights not in INITS:
@@ -102,11 +124,16 @@ class HyLoRADAConfig:
         return self.lora_alpha / (math.sqrt(r) if self.use_rslora else r)
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields, with the derived `use_hylorada` in its old place before `method` (so saved
+        configs keep their keys and older versions read them)."""
+        d = dataclasses.asdict(self)
+        keys = list(d)
+        at = keys.index("method")
+        return {**{k: d[k] for k in keys[:at]}, "use_hylorada": self.use_hylorada, **{k: d[k] for k in keys[at:]}}
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> "HyLoRADAConfig":
-        known = {f.name for f in dataclasses.fields(cls)}
+        known = {f.name for f in dataclasses.fields(cls)} | {"use_hylorada"}
         unknown = sorted(set(data) - known)
         if unknown:
             raise UsageError(f"HyLoRADAConfig got unknown fields {unknown}; allowed fields: {sorted(known)}")
@@ -124,6 +151,13 @@ class HyLoRADAConfig:
         if not text.lstrip().startswith("{"):
             text = Path(text).read_text()
         return cls.from_dict(json.loads(text))
+
+
+# `use_hylorada` is an init-only argument above (InitVar); its read-only property is attached
+# after the class is built, because a property of that name in the class body would become the
+# argument's default value.
+HyLoRADAConfig.use_hylorada = property(lambda self: self.method == "hylorada",
+                                       doc='method == "hylorada" (read-only; set `method`)')
 
 
 def _finite(x: Any) -> bool:

@@ -1,7 +1,7 @@
 """Honest evaluation: perplexity, LiM perplexity, true model size, forward throughput.
 
 Perplexity protocol (`perplexity`), for a token sequence [1, N] and a window length L. The
-window prefix (`bos_id`, see hylorada.data "Window prefix") decides how a window starts:
+window prefix (`bos_id`, see hylorada/data/blocks.py "Window prefix") decides how a window starts:
 
 Without a prefix (`bos_id=None`, window prefix "none"; the protocol of every number before the
 prefix existed, and of any tokenizer that adds no BOS, e.g. SmolLM2's):
@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -61,6 +62,8 @@ def jsonable(x):
         return [jsonable(v) for v in x]
     if isinstance(x, torch.dtype):
         return str(x).removeprefix("torch.")
+    if isinstance(x, os.PathLike):
+        return os.fspath(x)
     return x
 
 
@@ -105,7 +108,7 @@ class LimResult(_Result):
 
 @dataclass
 class SizeResult(_Result):
-    n_params: int  # parameter elements, shared/tied tensors counted once
+    n_params: int  # parameter elements, tied (shared) tensors counted once
     n_bytes: int  # bytes a saved model needs: parameters + persistent buffers
     n_param_bytes: int
     n_buffers: int  # persistent buffer elements

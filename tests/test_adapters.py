@@ -1,6 +1,7 @@
 """The four adapter methods against independent references (peft, direct formulas)."""
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -721,6 +722,22 @@ def test_config_round_trip(tmp_path):
     assert HyLoRADAConfig().init_lora_weights == "orthogonal" and HyLoRADAConfig(method="dora").init_lora_weights == "kaiming"
     with pytest.raises(ValueError, match="unknown fields"):
         HyLoRADAConfig.from_dict({"lora_rnk": 4})
+
+
+def test_method_is_the_one_source_and_old_saved_configs_load():
+    """`use_hylorada` is read-only (derived from `method`); a config saved before (with both keys,
+    as docs/runs/*.json hold) loads, and to_dict keeps the key where it was."""
+    saved = {"lora_rank": 8, "lora_alpha": 16.0, "lora_dropout": 0.05, "use_hylorada": True, "method": "hylorada"}
+    assert HyLoRADAConfig.from_dict(saved).method == "hylorada"
+    assert HyLoRADAConfig.from_dict({**saved, "use_hylorada": False, "method": None}).method == "lora"
+    assert HyLoRADAConfig(use_hylorada=True, method="dora").method == "dora"  # an explicit method wins
+    cfg = HyLoRADAConfig(method="lora")
+    with pytest.raises(AttributeError):
+        cfg.use_hylorada = True
+    cfg.method = "hylorada"
+    assert cfg.use_hylorada is True
+    assert list(cfg.to_dict())[:5] == ["lora_rank", "lora_alpha", "lora_dropout", "use_hylorada", "method"]
+    assert "use_hylorada" not in {f.name for f in dataclasses.fields(HyLoRADAConfig)}
 
 
 def test_query_norm_temperature_is_applied_in_fp32_on_bf16_activations():

@@ -44,7 +44,7 @@ def _make_wheel(folder: Path) -> Path:
 
 @pytest.fixture
 def env(tmp_path, monkeypatch):
-    """A private cache and a fake registry: `_pip_download` copies from `registry/`."""
+    """A private cache and a fake registry: `pip_download` copies from `registry/`."""
     cache = tmp_path / "cache"
     registry = tmp_path / "registry"
     registry.mkdir()
@@ -58,7 +58,7 @@ def env(tmp_path, monkeypatch):
             raise AssetError(f"could not download {asset.requirement}")
         return Path(shutil.copy(src, dest / asset.archive))
 
-    monkeypatch.setattr(assets, "_pip_download", fake_download)
+    monkeypatch.setattr(assets.download, "pip_download", fake_download)
     sdist, wheel = _make_sdist(registry), _make_wheel(registry)
     sdist_asset = Asset(key="fake-sdist", package="fakepkg", version="1.0", archive=sdist.name,
                         archive_sha256=_sha(sdist.read_bytes()),

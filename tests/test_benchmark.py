@@ -8,9 +8,10 @@ import pytest
 import torch
 
 from conftest import tiny_gpt2, tiny_llama
-from hylorada import benchmark as bm
-from hylorada.benchmark import (ABLATIONS, KAIMING_ROW_NORM, BenchConfig, Cell, CellRunner, matched_ranks,
-                                plan_cells, run_benchmark, trainable_count)
+from hylorada.recipes import benchmark as bm
+from hylorada.recipes.benchmark import (ABLATIONS, KAIMING_ROW_NORM, BenchConfig, Cell, CellRunner, matched_ranks,
+                                        plan_cells, run_benchmark, trainable_count)
+from hylorada.recipes.benchmark.config import base_method
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -21,9 +22,7 @@ def tiny_config(model: str, data: str, **kw) -> BenchConfig:
                 eval_batch_size=4, methods=["lora", "hylorada"], peft=True, ablations=["hylorada-gate-frozen"],
                 ratios=[0.4], calib_blocks=8, calib_seq_len=16, recovery_rank=2, caveat=bm.CPU_QUICK_CAVEAT)
     base.update(kw)
-    cfg = BenchConfig(**base)
-    bm.validate_config(cfg)
-    return cfg
+    return BenchConfig.from_flat(**base)
 
 
 # ---------------------------------------------------------------------------------- budgets
@@ -50,7 +49,7 @@ def test_matched_ranks_refuses_an_unreachable_budget():
 
 
 def _wrap(row: str, rank: int, model=None, targets="all-linear", seed=0):
-    spec = {"row": row, "method": bm._base_method(row), "rank": rank, "alpha_ratio": 2.0, "dropout": 0.0,
+    spec = {"row": row, "method": base_method(row), "rank": rank, "alpha_ratio": 2.0, "dropout": 0.0,
             "targets": targets, "seed": seed,
             "ablation": {k: v for k, v in ABLATIONS.get(row, {}).items() if k != "desc"}}
     runner = CellRunner(BenchConfig())
@@ -112,7 +111,7 @@ def test_plan_cell_ids_and_keys():
         "frontier-svd-0.2-rec", "frontier-whiten-0.2-rec", "frontier-svd-0.4-rec", "frontier-whiten-0.4-rec"]
     # a setting that changes a result changes the key of exactly the cells it affects
     cells1 = {c.id: c.key for c in plan_cells(cfg, budget, ["lora"])}
-    cfg.steps += 1
+    cfg.train.steps += 1
     cells2 = {c.id: c.key for c in plan_cells(cfg, budget, ["lora"])}
     changed = sorted(i for i in cells1 if cells1[i] != cells2[i])
     assert changed == sorted(i for i in cells1 if i.startswith("adapt-") or i.endswith("-rec"))
@@ -176,7 +175,7 @@ def test_resume_skips_finished_cells_and_only_runs_a_subset(tmp_path):
     assert fourth.calls == ["adapt-lora-s1"]
 
     # another step count invalidates the training cells only
-    cfg.steps += 1
+    cfg.train.steps += 1
     fifth = CountingRunner()
     run_benchmark(cfg, out, cell_runner=fifth, **kw)
     assert sorted(fifth.calls) == sorted(c for c in res["cells"] if c.startswith("adapt-") or c.endswith("-rec"))
@@ -271,9 +270,18 @@ def test_cli_list_and_report_only(tiny_assets, tmp_path, capsys):
 def test_presets_are_valid_and_sized():
     quick, full = bm.make_config("cpu-quick"), bm.make_config("full")
     assert quick.seeds == 1 and quick.device == "cpu" and quick.caveat
-    assert full.seeds >= 3 and full.steps >= 200 and full.ratios == [0.2, 0.4, 0.6]
+    assert full.seeds >= 3 and full.train.steps >= 200 and full.ratios == [0.2, 0.4, 0.6]
     assert set(full.ablations) == set(ABLATIONS)
     with pytest.raises(ValueError, match="unknown preset"):
         bm.make_config("huge")
     with pytest.raises(ValueError, match="ratios"):
         bm.make_config("cpu-quick", ratios=[1.5])
+
+
+def test_calibration_is_the_first_train_blocks(tiny_assets):
+    """The benchmark's whitening calibration (hylorada/data/blocks.py calibration_blocks, seed None) is
+    the first n blocks the training rows see (data.py pack_blocks), as in the published runs."""
+    model, data = tiny_assets
+    runner = CellRunner(tiny_config(model, data))
+    calib = runner.calibration(data, 5, 16)
+    assert torch.equal(calib, runner.train_blocks(data, 16)["input_ids"][:5])

@@ -117,7 +117,7 @@ def _flag_cases():
             cases.append((cmd, flag, [flag], "missing"))
             if a.choices:
                 cases.append((cmd, flag, [flag, "no-such-choice"], "wrong-type"))
-            elif hasattr(a.type, "bad"):  # the range types of hylorada/commands/_common.py
+            elif hasattr(a.type, "bad"):  # the range types of hylorada/commands/flags.py
                 cases.append((cmd, flag, [flag, "abc"], "wrong-type"))
                 cases += [(cmd, flag, [flag, v], f"out-of-range{v}") for v in a.type.bad]
             elif a.type is not None:  # --budget, --override: their own parsers

@@ -378,5 +378,5 @@ def test_ablation_command_quick_smoke(tmp_path):
     names = {r["row"] for r in data["rows"]}
     assert {"default", "allocate=loss", "allocate=sensitivity", "calibrate=sequential",
             "update=lstsq", "recover_loss=kd", "all"} <= names
-    assert data["env"]["torch"] and "compress_results.py" in data["command"]
+    assert data["env"]["versions"]["torch"] and "compress_results.py" in data["command"]
     assert "| ratio |" in out.read_text()

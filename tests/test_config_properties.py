@@ -43,8 +43,8 @@ def field_dicts(cls, extra_keys=(), max_size=3):
     return st.dictionaries(st.sampled_from(names), VALUES, max_size=max_size)
 
 
-def builds_or_names_a_field(cls, build, values: dict):
-    names = [f.name for f in dataclasses.fields(cls)]
+def builds_or_names_a_field(cls, build, values: dict, init_only=()):
+    names = [f.name for f in dataclasses.fields(cls)] + list(init_only)
     try:
         cfg = build(values)
     except ValueError as e:
@@ -72,13 +72,13 @@ def names(x) -> bool:
 
 
 @SETTINGS
-@given(field_dicts(HyLoRADAConfig, extra_keys=["rank", "bogus"]))
+@given(field_dicts(HyLoRADAConfig, extra_keys=["rank", "bogus", "use_hylorada"]))
 def test_hylorada_config(values):
     check_hylorada(values)
 
 
 def check_hylorada(values):
-    cfg = builds_or_names_a_field(HyLoRADAConfig, HyLoRADAConfig.from_dict, values)
+    cfg = builds_or_names_a_field(HyLoRADAConfig, HyLoRADAConfig.from_dict, values, init_only=["use_hylorada"])
     if cfg is None:
         return
     assert cfg.method in ("lora", "dora", "hylorada", "lorada")
@@ -168,6 +168,8 @@ def check_train(values):
     assert cfg.find_unused_parameters in (None, True, False)
     assert cfg.out_dir is None or (isinstance(cfg.out_dir, str) and cfg.out_dir != "")
     assert not cfg.resume or cfg.out_dir
+    assert cfg.compile in ("auto", "yes", "no")
+    assert isinstance(cfg.compile_backend, str) and cfg.compile_backend
 
 
 EDGE_LIST = [None, True, False, 0, 1, -1, 2, 0.0, 0.5, 1.0, -0.5, 1.5, 10**30, math.nan, math.inf, -math.inf,

@@ -275,7 +275,7 @@ def test_training_blocks_of_a_bos_tokenizer_start_with_bos():
 
 @pytest.mark.parametrize("bos", [True, False])
 def test_calibration_blocks_start_with_bos_when_the_tokenizer_adds_one(tmp_path, monkeypatch, bos):
-    from hylorada.compress.whiten import calibration_blocks
+    from hylorada.data import calibration_blocks
 
     monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
     corpus = tmp_path / "c.jsonl"
@@ -289,3 +289,40 @@ def test_calibration_blocks_start_with_bos_when_the_tokenizer_adds_one(tmp_path,
     for row in got.tolist():
         assert (row[0] == BOS) == bos and BOS not in row[1:]
         assert (row[1:] if bos else row) in chunks  # a whole aligned chunk of the stream
+
+
+def test_training_blocks_pad_with_eos_when_there_is_no_pad_token(tmp_path, monkeypatch):
+    """The one corpus -> training blocks path (finetune, recovery, benchmark, tune): a text file
+    is its characters, blocks of 8 hand-cut; the tail is padded with EOS (no pad token here)."""
+    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
+    text = "In the beginning was the word"  # 29 characters -> 3 full blocks of 8 and 5 left
+    (tmp_path / "t.txt").write_text(text)
+    tok = char_tokenizer(False)
+    assert tok.pad_token_id is None and data.default_pad_id(tok) == EOS
+    blocks, info = data.training_blocks(tok, str(tmp_path / "t.txt"), "all", 8)
+    ids = [CHARS.index(c) + 3 for c in text]
+    want = [ids[i:i + 8] + [EOS] * max(0, i + 8 - len(ids)) for i in range(0, len(ids), 8)]
+    assert blocks["input_ids"].tolist() == want
+    assert blocks["attention_mask"].sum().item() == len(ids) and info["tokens"] == len(ids) == info["targets"]
+    padded = data.training_blocks(tok, str(tmp_path / "t.txt"), "all", 8, 0)[0]["input_ids"]
+    assert padded[-1].tolist() == ids[24:] + [0, 0, 0]
+
+
+def test_calibration_blocks_share_the_blocks_between_sources(tmp_path, monkeypatch):
+    """Five blocks of two sources: three from the first, two from the second, each a whole aligned
+    chunk of its own stream, in stream order; too few blocks is one UsageError naming the source."""
+    from hylorada.errors import UsageError
+
+    monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
+    a, b = tmp_path / "a.txt", tmp_path / "b.txt"
+    a.write_text("a" * 100)  # 12 full blocks of 8
+    b.write_text("".join(CHARS[i % 60] for i in range(50)))  # 6 full blocks of 8 (2 left over)
+    tok = char_tokenizer(False)
+    got = data.calibration_blocks(tok, f"{a}, {b}", n_blocks=5, seq_len=8, split="all", seed=3).tolist()
+    b_ids = [CHARS.index(CHARS[i % 60]) + 3 for i in range(48)]
+    b_chunks = [b_ids[i:i + 8] for i in range(0, 48, 8)]
+    assert got[:3] == [[CHARS.index("a") + 3] * 8] * 3
+    assert all(row in b_chunks for row in got[3:])
+    assert b_chunks.index(got[3]) < b_chunks.index(got[4])
+    with pytest.raises(UsageError, match=r"b.txt \(all\) has 6 blocks of 8 tokens, 7 asked"):
+        data.calibration_blocks(tok, [str(a), str(b)], n_blocks=14, seq_len=8, split="all")

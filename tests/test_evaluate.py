@@ -505,7 +505,7 @@ def test_cli_eval_without_bos_is_unchanged(tmp_path, monkeypatch):
 
 def test_benchmark_cells_use_and_record_the_window_prefix(tmp_path, monkeypatch):
     from hylorada import data
-    from hylorada.benchmark import CellRunner, make_config, plan_cells
+    from hylorada.recipes.benchmark import CellRunner, make_config, plan_cells
     from test_data import char_tokenizer
 
     monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))

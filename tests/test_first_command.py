@@ -4,13 +4,12 @@ and the frontier plot's clipped relative-perplexity axis. Tiny models; the timin
 in docs/BENCHMARK.md."""
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
 
-from hylorada import benchmark as bm
+from hylorada.recipes import benchmark as bm
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 

@@ -5,8 +5,8 @@
     2  assets, data, evaluate
     3  adapters, compress       (compress: math + save/load; recovery is a recipe)
     4  loading, model
-    5  train
-    6  recipes, benchmark, tune
+    5  train, checkpoint, optim
+    6  recipes (benchmark/ inside)
     7  commands, cli
 
 Imports inside functions count too (a lazy import is still a dependency). KNOWN_UPWARD lists the
@@ -25,14 +25,12 @@ LAYERS = [
     {"assets", "data", "evaluate"},
     {"adapters", "compress"},
     {"loading", "model"},
-    {"train"},
-    {"recipes", "benchmark", "tune"},
+    {"train", "checkpoint", "optim"},
+    {"recipes"},
     {"commands", "cli"},
 ]
 LEVEL = {name: i for i, names in enumerate(LAYERS) for name in names}
-KNOWN_UPWARD = {
-    ("tune", "commands"),  # tune.finetune_options() reads `hylorada finetune`'s flags
-}
+KNOWN_UPWARD: set[tuple[str, str]] = set()
 
 
 def _target(module: str, is_package: bool, node: ast.ImportFrom) -> str:

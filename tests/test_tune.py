@@ -85,7 +85,7 @@ def test_two_concurrent_workers_share_one_study(tiny_assets, tmp_path):
 
 def test_pruner_stops_a_bad_trial(tiny_assets, tmp_path):
     """With enough finished trials, a trial whose first valid loss is worse than the median is pruned."""
-    from hylorada.tune import TuneSettings, open_study, run_tune
+    from hylorada.recipes.tune import TuneSettings, open_study, run_tune
 
     model, data = tiny_assets
     storage = f"sqlite:///{tmp_path / 'p.db'}"

@@ -70,7 +70,7 @@ def usage_error(argv: list[str], capsys) -> str:
 def chat_assets(tmp_path, monkeypatch):
     monkeypatch.setenv("HYLORADA_CACHE", str(tmp_path / "cache"))
     monkeypatch.chdir(tmp_path)
-    data._USER_CACHE.clear()
+    data.user._USER_CACHE.clear()
     return make_chat_model(tmp_path)
 
 
@@ -191,7 +191,7 @@ def test_empty_documents_are_dropped_and_counted(tiny_assets, tmp_path, caplog):
     with_empty = rows[:5] + ["", "   \n\t"] + rows[5:] + ["\n"]
     f = tmp_path / "e.jsonl"
     f.write_text("".join(json.dumps({"text": r}) + "\n" for r in with_empty))
-    data._USER_CACHE.clear()
+    data.user._USER_CACHE.clear()
     with caplog.at_level(logging.WARNING, logger="hylorada.data"):
         assert load_corpus(f, "all") == rows
     assert "dropped 3 empty or whitespace-only document(s) of 23" in caplog.text

@@ -1,6 +1,6 @@
 """The shared adapter wrapper: a base layer (wrapped, never copied) plus a low-rank update.
 
-Notation (DESIGN.md): W is d_out x d_in, A is r x d_in, B is d_out x r, s the scale,
+Notation (docs/METHODS.md): W is d_out x d_in, A is r x d_in, B is d_out x r, s the scale,
 W' = W + s·B A. Every method is described by two things:
 
 - `row_scale()` -> c, a per-output-row scale (None for plain LoRA), and
@@ -83,6 +83,25 @@ class AdapterLayer(nn.Module):
         self.merged = False
         self._merged_scale: torch.Tensor | None = None
         self._merged_rank: int | None = None
+
+    # ---- what it trains ------------------------------------------------------------------
+    @classmethod
+    def param_shapes(cls, d_in: int, d_out: int, rank: int, **needed: int | None) -> dict[str, tuple[int, ...]]:
+        """{name: shape} of the parameters this method trains on a d_out x d_in layer at `rank`:
+        A (r x d_in) and B (d_out x r); subclasses add theirs (`needed`: e.g. LoRaDA's n_heads)."""
+        return {"lora_A": (rank, d_in), "lora_B": (d_out, rank)}
+
+    @classmethod
+    def n_trainable(cls, d_in: int, d_out: int, rank: int, frozen: tuple[str, ...] = (),
+                    **needed: int | None) -> int:
+        """Trainable parameters of one wrapped layer, the ones named in `frozen` left out:
+        LoRA r·(d_in + d_out); DoRA + d_out; HyLoRADA + d_out + 2; LoRaDA + n_heads on a query."""
+        return sum(math.prod(shape) for name, shape in cls.param_shapes(d_in, d_out, rank, **needed).items()
+                   if name not in frozen)
+
+    def adapter_params(self) -> dict[str, nn.Parameter]:
+        """The parameters this layer trains (its own, not the wrapped base layer's)."""
+        return dict(self.named_parameters(recurse=False))
 
     # ---- the math every method shares -------------------------------------------------
     def delta_weight(self) -> torch.Tensor:

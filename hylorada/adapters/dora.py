@@ -1,7 +1,7 @@
 """DoRA (Liu et al. 2024): y = (m / ||W'||_row) ⊙ (W' x) + b, W' = W + s·B A, m0 = ||W||_row.
 
 The row norm is treated as a constant in backward (DoRA paper §4.3) and is computed without
-building W' (DESIGN.md):
+building W' (docs/METHODS.md, "DoRA"):
 
     ||W'||²_row = ||W||²_row + 2s·rowsum((W Aᵀ) ⊙ B) + s²·rowsum((B (A Aᵀ)) ⊙ B)
 
@@ -72,6 +72,11 @@ class DoRALayer(AdapterLayer):
         self.register_buffer("weight_norm_sq", row_norm_sq(dense_weight(base_layer)), persistent=False)
         m0 = self.weight_norm_sq.sqrt().to(self.lora_A.dtype)
         self.magnitude = nn.Parameter(m0.clone())
+
+    @classmethod
+    def param_shapes(cls, d_in: int, d_out: int, rank: int, **needed: int | None) -> dict[str, tuple[int, ...]]:
+        """LoRA's A and B plus the magnitude m (d_out); ||W||²_row is a buffer."""
+        return {**super().param_shapes(d_in, d_out, rank, **needed), "magnitude": (d_out,)}
 
     def weight_norm(self) -> torch.Tensor:
         """||W'||_row (no gradient), by the factored formula, once per forward of the layer.

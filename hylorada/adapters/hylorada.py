@@ -28,6 +28,11 @@ class HyLoRADALayer(DoRALayer):
         self.gate = nn.Parameter(torch.full((1,), float(config.gate_init), dtype=dt, device=dev))
         self.residual = nn.Parameter(torch.full((1,), float(config.residual_init), dtype=dt, device=dev))
 
+    @classmethod
+    def param_shapes(cls, d_in: int, d_out: int, rank: int, **needed: int | None) -> dict[str, tuple[int, ...]]:
+        """DoRA's A, B and m plus the gate and the blend (one each); m0 is a buffer."""
+        return {**super().param_shapes(d_in, d_out, rank, **needed), "gate": (1,), "residual": (1,)}
+
     @staticmethod
     def scale_from_norm(n: torch.Tensor, magnitude: torch.Tensor, magnitude_init: torch.Tensor,
                         gate: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:

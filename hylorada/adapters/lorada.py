@@ -48,6 +48,13 @@ class LoRaDALayer(LoRALayer):
         self.temperature = nn.Parameter(torch.full((n_heads,), float(config.temperature_init),
                                                    dtype=self.lora_A.dtype, device=self.lora_A.device))
 
+    @classmethod
+    def param_shapes(cls, d_in: int, d_out: int, rank: int, n_heads: int | None = None,
+                     **needed: int | None) -> dict[str, tuple[int, ...]]:
+        """LoRA's A and B plus, on a query projection (n_heads given), one temperature per head."""
+        shapes = super().param_shapes(d_in, d_out, rank, **needed)
+        return shapes if n_heads is None else {**shapes, "temperature": (n_heads,)}
+
     def row_scale(self) -> torch.Tensor | None:
         """t (d_out): τ_h repeated over each head's dims inside the query slice, 1 elsewhere."""
         if self.temperature is None or self.after_norm:

@@ -45,10 +45,11 @@ def run(args: argparse.Namespace) -> int:
     from safetensors.torch import save_file
 
     from ..compress.analyze import analyze_model
-    from ..compress.whiten import calibration_blocks
+    from ..data import calibration_blocks
     from ..compress.api import find_target_layers
     from ..errors import UsageError
-    from ._common import check_out_dir, check_positions, load_docs, load_model_checked
+    from .checks import check_out_dir, check_positions, load_docs
+    from .load import load_model_checked
 
     from ..utils.io import atomic_output_dir, check_output_dir, clean_stale
 

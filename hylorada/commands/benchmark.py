@@ -19,7 +19,7 @@ from .data_args import SOURCES
 
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    from ..benchmark import DEFAULT_PRESET, PRESETS
+    from ..recipes.benchmark import DEFAULT_PRESET, PRESETS
 
     p = subparsers.add_parser("benchmark", help="adaptation table at matched budgets + compression frontier",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -59,8 +59,10 @@ def run(args: argparse.Namespace) -> int:
 
     import torch
 
-    from ..benchmark import PRESETS, list_cells, make_config, run_benchmark
-    from ._common import as_flags, check_device, check_out_dir, check_positions, load_docs, load_model_checked
+    from ..recipes.benchmark import PRESETS, list_cells, make_config, run_benchmark
+    from .checks import check_device, check_out_dir, check_positions, load_docs
+    from .flags import as_flags
+    from .load import load_model_checked
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     if args.threads:

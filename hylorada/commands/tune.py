@@ -2,23 +2,26 @@
 
     hylorada tune --method hylorada --n-trials 20 --out runs/tune
     # several workers on one study (start the same command in several shells or machines):
-    hylorada tune --n-trials 10 --storage sqlite:////shared/tune.db --study hyl-smollm2
+    hylorada tune --n-trials 10 --storage sqlite:////mnt/nfs/tune.db --study hyl-smollm2
     hylorada tune --n-trials 10 --storage postgresql://user@host/db --study hyl-smollm2
 
 Objective: the validation loss after --steps steps; reported every --eval-every steps so that
 bad trials are pruned early. Search space: rank, alpha ratio, LoRA+ ratio, learning rate,
-dropout, and for hylorada gate_init and residual_init (see hylorada/tune.py). The best trial
+dropout, and for hylorada gate_init and residual_init (see hylorada/recipes/tune.py). The best trial
 is printed and written to OUT/best_config.json with the `hylorada finetune` flags.
 """
 from __future__ import annotations
 
 import argparse
 
+from ..config import HyLoRADAConfig
+from .flags import add_config_flags
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
     p = subparsers.add_parser("tune", help="Optuna hyper-parameter search (parallel workers share a study)",
                               description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--method", default="hylorada", choices=["lora", "dora", "hylorada", "lorada"])
+    add_config_flags(p, HyLoRADAConfig, ["method"], defaults={"method": "hylorada"})
     p.add_argument("--n-trials", type=int, default=20, help="trials THIS worker runs (default: %(default)s)")
     p.add_argument("--storage", default=None,
                    help="Optuna storage URL shared by the workers (default: sqlite:///OUT/tune.db)")
@@ -50,8 +53,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> int:
     import torch
 
-    from ..tune import TuneSettings, check_storage, run_tune
-    from ._common import as_flags, check_out_dir, check_positions, load_docs, load_model_checked
+    from ..recipes.tune import TuneSettings, check_storage, run_tune
+    from .checks import check_out_dir, check_positions, load_docs
+    from .flags import as_flags
+    from .load import load_model_checked
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -41,6 +41,23 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
+def _one_of(cfg, name: str, allowed: tuple) -> None:
+    """UsageError unless field `name` of `cfg` is one of `allowed`."""
+    value = getattr(cfg, name)
+    if value not in allowed:
+        raise UsageError(f"CompressConfig.{name} must be one of {allowed}, got {value!r}")
+
+
+def _int_at_least(cfg, name: str, minimum: int, allow_none: bool = False) -> None:
+    """UsageError unless field `name` of `cfg` is an int >= minimum (or None when allowed)."""
+    value = getattr(cfg, name)
+    if value is None and allow_none:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < minimum:
+        raise UsageError(f"CompressConfig.{name} must be {'None or ' if allow_none else ''}an int >= {minimum}, "
+                         f"got {value!r}")
+
+
 @dataclass
 class CompressConfig:
     """How to compress the target linear layers of a model.
@@ -86,38 +103,75 @@ class CompressConfig:
         (hylorada/losses.py, hylorada/recipes/compress.py); compress_model does not read them.
     """
 
-    method: str = "whiten"
-    ratio: float | None = None
-    energy: float | None = None
-    alpha: float | None = None
-    budget: int | float | None = None
-    budget_energy: str = "relative"
-    target_modules: list[str] | None = None
-    overrides: dict[str, float | int | str] = field(default_factory=dict)
-    svd_solver: str = "full"
-    oversample: int = 10
-    n_iter: int = 2
-    whiten_method: str = "cholesky"
-    jitter: float = 1e-8
-    calib_blocks: int | None = None
-    calib_seq_len: int | None = None
-    calib_batch_size: int = 4
-    calib_precision: str = "exact"
-    force: bool = False
-    rank_multiple: int = 1
-    dtype: str | None = None
-    compute_dtype: str = "float64"
-    seed: int = 0
-    allocate: str = "uniform"
-    sensitivity_blocks: int = 8
-    calibrate: str = "dense"
-    update: str = "none"
-    recover_loss: str = "lm"
-    kd_temperature: float = 1.0
+    method: str = field(default="whiten", metadata={
+        "help": "svd: truncated SVD of W; whiten: SVD of W·L (SVD-LLM; needs calibration)", "choices": METHODS})
+    ratio: float | None = field(default=None, metadata={
+        "help": "fraction of the target linears' parameters removed, in (0, 1)"})
+    energy: float | None = field(default=None, metadata={"help": "share of Σσ² kept per layer, in (0, 1]"})
+    alpha: float | None = field(default=None, metadata={"help": "rank = floor(alpha·min(m, n)), in (0, 1]"})
+    budget: int | float | None = field(default=None, metadata={
+        "help": "parameters the target linears keep: a count, or a fraction in (0, 1) of their current ones"})
+    budget_energy: str = field(default="relative", metadata={
+        "help": "budget: σ² as a share of each layer's Σσ² (relative) or as is", "choices": BUDGET_ENERGY})
+    target_modules: list[str] | None = field(default=None, metadata={
+        "help": "module name piece to compress (default: every linear of the decoder layers)", "flag": "--target"})
+    overrides: dict[str, float | int | str] = field(default_factory=dict, metadata={
+        "help": "NAME=VALUE per-module setting: mlp=0.3, q_proj=64 (a rank), o_proj=dense", "flag": "--override"})
+    svd_solver: str = field(default="full", metadata={
+        "help": "full SVD, randomized, or gram (eigen-decomposition of the smaller Gram matrix)",
+        "choices": SOLVERS, "flag": "--solver"})
+    oversample: int = field(default=10, metadata={"help": "randomized solver: extra columns"})
+    n_iter: int = field(default=2, metadata={"help": "randomized solver: power iterations"})
+    whiten_method: str = field(default="cholesky", metadata={
+        "help": "factor of the Gram matrix: Cholesky (jitter on failure) or eigen-decomposition",
+        "choices": WHITEN_METHODS})
+    jitter: float = field(default=1e-8, metadata={"help": "Cholesky: jitter·tr(G)/n added on failure, x10 per retry"})
+    calib_blocks: int | None = field(default=None, metadata={"help": "calibration blocks (None: all given)"})
+    calib_seq_len: int | None = field(default=None, metadata={
+        "help": "tokens per calibration block (None: as given)"})
+    calib_batch_size: int = field(default=4, metadata={"help": "calibration blocks per forward"})
+    calib_precision: str = field(default="exact", metadata={
+        "help": "Gram products in float64 (exact) or per batch in the activation dtype, summed in float64 "
+                "(mixed; fast on a GPU)", "choices": CALIB_PRECISIONS})
+    force: bool = field(default=False, metadata={"help": "factorise even layers whose rank saves nothing"})
+    rank_multiple: int = field(default=1, metadata={
+        "help": "round ranks down to a multiple of this (8 keeps GPU GEMMs aligned)"})
+    dtype: str | None = field(default=None, metadata={
+        "help": "storage dtype of the factors (default: the model's)", "flag": "--factor-dtype"})
+    compute_dtype: str = field(default="float64", metadata={"help": "dtype of the SVD and the whitening"})
+    seed: int = field(default=0, metadata={"help": "seed of the randomized solver and the calibration blocks"})
+    allocate: str = field(default="uniform", metadata={
+        "help": "ranks: uniform per matrix, or shared under the same budget by relative truncation loss "
+                "or by measured sensitivity", "choices": ALLOCATIONS})
+    sensitivity_blocks: int = field(default=8, metadata={"help": "calibration blocks the sensitivity is measured on"})
+    calibrate: str = field(default="dense", metadata={
+        "help": "whitening statistics from the dense model or from the model compressed so far",
+        "choices": CALIBRATIONS})
+    update: str = field(default="none", metadata={
+        "help": "re-solve the up factors by least squares against the dense outputs", "choices": UPDATES})
+    recover_loss: str = field(default="lm", metadata={
+        "help": "recovery loss: next-token (lm), distillation from the dense model (kd), or both"})
+    kd_temperature: float = field(default=1.0, metadata={"help": "distillation temperature T"})
 
     def __post_init__(self) -> None:
-        if self.method not in METHODS:
-            raise UsageError(f"CompressConfig.method must be one of {METHODS}, got {self.method!r}")
+        """Every field checked, in this order; the first bad one is a UsageError naming it, its
+        value and what is allowed."""
+        _one_of(self, "method", METHODS)
+        self._check_policy()
+        _one_of(self, "budget_energy", BUDGET_ENERGY)
+        self._check_targets()
+        self._check_overrides()
+        for name, allowed in (("svd_solver", SOLVERS), ("calib_precision", CALIB_PRECISIONS),
+                              ("whiten_method", WHITEN_METHODS)):
+            _one_of(self, name, allowed)
+        self._check_numbers()
+        self.dtype = _dtype_name(self.dtype, "dtype")
+        self.compute_dtype = _dtype_name(self.compute_dtype, "compute_dtype", allow_none=False)
+        _one_of(self, "compute_dtype", ("float32", "float64"))
+        self._check_options()
+
+    def _check_policy(self) -> None:
+        """Exactly one rank policy is set, to a number in its range (`_check_value`)."""
         set_ = [p for p in POLICIES if getattr(self, p) is not None]
         if len(set_) != 1:
             raise UsageError(f"CompressConfig: set exactly one rank policy of {POLICIES} "
@@ -126,20 +180,22 @@ class CompressConfig:
         if not _is_number(v):
             raise UsageError(f"CompressConfig.{set_[0]} must be a number, got {v!r}")
         self._check_value(set_[0], v, f"CompressConfig.{set_[0]}")
-        if self.budget_energy not in BUDGET_ENERGY:
-            raise UsageError(f"CompressConfig.budget_energy must be one of {BUDGET_ENERGY}, "
-                             f"got {self.budget_energy!r}")
-        if self.target_modules is not None:
-            if isinstance(self.target_modules, str):
-                self.target_modules = [self.target_modules]
-            if not isinstance(self.target_modules, (list, tuple)):
-                raise UsageError("CompressConfig.target_modules must be None or a non-empty list "
-                                 f"of module name pieces, got {self.target_modules!r}")
+
+    def _check_targets(self) -> None:
+        """target_modules: None, or a name piece / non-empty list of them (stored as a list)."""
+        if self.target_modules is None:
+            return
+        if isinstance(self.target_modules, str):
+            self.target_modules = [self.target_modules]
+        if isinstance(self.target_modules, (list, tuple)):
             self.target_modules = list(self.target_modules)
-            if not self.target_modules or not all(isinstance(t, str) and t.strip(".")
-                                                  for t in self.target_modules):
-                raise UsageError("CompressConfig.target_modules must be None or a non-empty list "
-                                 f"of module name pieces, got {self.target_modules!r}")
+        if not (isinstance(self.target_modules, list) and self.target_modules
+                and all(isinstance(t, str) and t.strip(".") for t in self.target_modules)):
+            raise UsageError("CompressConfig.target_modules must be None or a non-empty list "
+                             f"of module name pieces, got {self.target_modules!r}")
+
+    def _check_overrides(self) -> None:
+        """overrides: name piece -> a float in the policy's unit, an int rank >= 1, or "dense"."""
         if not isinstance(self.overrides, dict):
             raise UsageError(f"CompressConfig.overrides must be a dict name -> value, "
                              f"got {type(self.overrides).__name__}")
@@ -158,55 +214,32 @@ class CompressConfig:
                 self._check_value("ratio" if self.policy == "budget" else self.policy, val, where)
             else:
                 raise UsageError(f"{where} must be a float, an int rank or 'dense', got {val!r}")
-        if self.svd_solver not in SOLVERS:
-            raise UsageError(f"CompressConfig.svd_solver must be one of {SOLVERS}, got {self.svd_solver!r}")
-        if self.calib_precision not in CALIB_PRECISIONS:
-            raise UsageError(f"CompressConfig.calib_precision must be one of {CALIB_PRECISIONS}, "
-                             f"got {self.calib_precision!r}")
-        if self.whiten_method not in WHITEN_METHODS:
-            raise UsageError(f"CompressConfig.whiten_method must be one of {WHITEN_METHODS}, "
-                             f"got {self.whiten_method!r}")
+
+    def _check_numbers(self) -> None:
+        """The integer knobs, jitter and force."""
         for name in ("oversample", "n_iter", "seed"):
-            val = getattr(self, name)
-            if not isinstance(val, int) or isinstance(val, bool) or val < 0:
-                raise UsageError(f"CompressConfig.{name} must be an int >= 0, got {val!r}")
+            _int_at_least(self, name, 0)
         for name in ("calib_blocks", "calib_seq_len"):
-            val = getattr(self, name)
-            if val is not None and (not isinstance(val, int) or isinstance(val, bool) or val < 1):
-                raise UsageError(f"CompressConfig.{name} must be None or an int >= 1, got {val!r}")
-        if not isinstance(self.calib_batch_size, int) or isinstance(self.calib_batch_size, bool) \
-                or self.calib_batch_size < 1:
-            raise UsageError(f"CompressConfig.calib_batch_size must be an int >= 1, "
-                             f"got {self.calib_batch_size!r}")
+            _int_at_least(self, name, 1, allow_none=True)
+        _int_at_least(self, "calib_batch_size", 1)
         if not _is_number(self.jitter) or not 0 < self.jitter < float("inf"):
             raise UsageError(f"CompressConfig.jitter must be a finite number > 0, got {self.jitter!r}")
-        if not isinstance(self.rank_multiple, int) or isinstance(self.rank_multiple, bool) or self.rank_multiple < 1:
-            raise UsageError(f"CompressConfig.rank_multiple must be an int >= 1, got {self.rank_multiple!r}")
+        _int_at_least(self, "rank_multiple", 1)
         if not isinstance(self.force, bool):
             raise UsageError(f"CompressConfig.force must be a bool, got {self.force!r}")
-        self.dtype = _dtype_name(self.dtype, "dtype")
-        self.compute_dtype = _dtype_name(self.compute_dtype, "compute_dtype", allow_none=False)
-        if self.compute_dtype not in ("float32", "float64"):
-            raise UsageError(f"CompressConfig.compute_dtype must be one of ('float32', 'float64'), "
-                             f"got {self.compute_dtype!r}")
-        self._check_options()
 
     def _check_options(self) -> None:
+        """allocate / calibrate / update and the combinations they need; the recovery loss."""
         for name, allowed in (("allocate", ALLOCATIONS), ("calibrate", CALIBRATIONS),
                               ("update", UPDATES)):
-            if getattr(self, name) not in allowed:
-                raise UsageError(f"CompressConfig.{name} must be one of {allowed}, "
-                                 f"got {getattr(self, name)!r}")
+            _one_of(self, name, allowed)
         if self.allocate != "uniform" and self.policy != "ratio":
             raise UsageError(f"CompressConfig.allocate={self.allocate!r} shares the budget of the ratio "
                              f"policy: set ratio, not {self.policy}")
         if self.calibrate == "sequential" and self.method != "whiten" and self.update != "lstsq":
             raise UsageError("CompressConfig.calibrate='sequential' changes the whitening and the "
                              "update only: use it with method='whiten' or update='lstsq'")
-        if (not isinstance(self.sensitivity_blocks, int) or isinstance(self.sensitivity_blocks, bool)
-                or self.sensitivity_blocks < 1):
-            raise UsageError(f"CompressConfig.sensitivity_blocks must be an int >= 1, "
-                             f"got {self.sensitivity_blocks!r}")
+        _int_at_least(self, "sensitivity_blocks", 1)
         check_loss(self.recover_loss, self.kd_temperature, "CompressConfig.recover_loss",
                    "CompressConfig.kd_temperature")
 

@@ -328,37 +328,3 @@ def whitened_svd(W: torch.Tensor, whitening: Whitening, k: int, solver: str = "f
     U, S, Vh = svd(M, k, solver, oversample, n_iter, gen)
     return factors_from_svd(U, S, Vh, k, float(M.square().sum()), dtype or W.dtype, whitening.unwhiten)
 
-
-def calibration_blocks(tokenizer, corpora, n_blocks: int, seq_len: int, split: str = "train",
-                       seed: int = 0, window_prefix: str = "auto") -> torch.Tensor:
-    """LongTensor [n_blocks, seq_len] of calibration text: each corpus's `split` documents as
-    one token stream (hylorada.data.token_stream), cut into non-overlapping seq_len windows, of
-    which a seeded random subset is taken. Several corpora (a list or "kjv,shakespeare") share
-    the blocks as evenly as possible (a mix calibrates for both; SVD-LLM's one-corpus
-    calibration hurts the other corpus badly). With window prefix "bos" (hylorada.data
-    `resolve_window_prefix`) every block is BOS + seq_len - 1 stream tokens."""
-    from .. import data
-
-    names = [c.strip() for c in corpora.split(",")] if isinstance(corpora, str) else list(corpora)
-    names = [c for c in names if c]
-    if not names or n_blocks < 1 or seq_len < 2:
-        raise ValueError(f"calibration needs corpora, n_blocks >= 1 and seq_len >= 2; got "
-                         f"{names!r}, {n_blocks}, {seq_len}")
-    bos = data.window_bos_id(tokenizer, window_prefix)
-    span = seq_len - (bos is not None)
-    g = torch.Generator().manual_seed(seed)
-    per = [n_blocks // len(names) + (i < n_blocks % len(names)) for i in range(len(names))]
-    out = []
-    for name, n in zip(names, per):
-        if n == 0:
-            continue
-        ids = data.token_stream(tokenizer, data.load_corpus(name, split, tokenizer=tokenizer))
-        avail = ids.numel() // span
-        if avail < n:
-            raise ValueError(f"{name} ({split}) has {avail} blocks of {seq_len} tokens, {n} asked")
-        windows = ids[: avail * span].reshape(avail, span)
-        pick = torch.randperm(avail, generator=g)[:n].sort().values
-        if bos is not None:
-            windows = torch.cat([torch.full((avail, 1), bos, dtype=windows.dtype), windows], dim=1)
-        out.append(windows[pick])
-    return torch.cat(out)

@@ -1,26 +1,41 @@
-"""Compression recovery: adapters trained on the factors of a compressed model, merged back.
+"""Compress a model, recover it, measure it and save it: the workflow behind `hylorada compress`.
 
     report = compress_model(model, CompressConfig(ratio=0.2), calibration=ids)   # compress/
     summary = recover_compressed(model, blocks, steps=200, loss="kd", teacher=dense)
+    results = compress_and_save(model, tokenizer, config, CompressSettings(...))  # the whole run
 
-The math of compression lives in hylorada/compress/; this workflow adds the training
+`compress_and_save`, top to bottom: calibration blocks (before any perplexity, so too little
+text is refused first) -> perplexity of the dense model -> compress_model -> perplexity ->
+recovery (optional) -> perplexity -> sizes -> save_compressed with report.md and results.json.
+The math of compression lives in hylorada/compress/; recovery adds the training
 (hylorada/train.py) with the LM or the distillation loss (hylorada/losses.py).
 """
 from __future__ import annotations
 
+import copy
+import json
 import time
+from dataclasses import dataclass, field
+from pathlib import Path
 
+
+import torch
 from torch import nn
 
+from .. import data, evaluate
+from ..compress import CompressConfig, compress_model, save_compressed
 from ..compress.api import RECOVER_SCHEDULES, RECOVER_TARGETS
-from ..layers import in_out_features
 from ..compress.targets import factorized_layers, stored_size
-from ..config import HyLoRADAConfig
+from ..data import calibration_blocks
+from ..config import METHODS, HyLoRADAConfig, option
+from ..errors import UsageError
+from ..layers import in_out_features
 from ..losses import check_loss
 from ..model import HyLoRADAModel
 from ..train import TrainConfig, train
+from ..utils.env import environment
 
-__all__ = ["recover_compressed", "RECOVER_SCHEDULES", "RECOVER_TARGETS"]
+__all__ = ["recover_compressed", "compress_and_save", "CompressSettings", "RECOVER_SCHEDULES", "RECOVER_TARGETS"]
 
 
 def recover_compressed(model: nn.Module, train_blocks: dict, *, method: str = "hylorada",
@@ -111,3 +126,165 @@ def recover_compressed(model: nn.Module, train_blocks: dict, *, method: str = "h
                    bytes_after=after[1], seconds=time.perf_counter() - t0,
                    ranks_after={n: m.rank for n, m in factorized_layers(model).items()})
     return summary
+
+
+# ----------------------------------------------------------------------------- the whole run
+@dataclass
+class CompressSettings:
+    """What `compress_and_save` does besides compressing (CompressConfig). Corpora are lists of
+    DataSpecs or names; `eval=None` skips perplexity; `recover_steps=0` skips recovery. The
+    fields with a help text are `hylorada compress` flags (EVAL_FIELDS, RECOVER_FIELDS)."""
+
+    calib: list = field(default_factory=lambda: ["kjv"])
+    calib_label: str = "kjv"  # how the user named the calibration corpora (in the error message)
+    eval: list | None = field(default_factory=lambda: ["kjv", "shakespeare"])
+    eval_seq_len: int = option(512, "perplexity window")
+    max_eval_tokens: int = option(51200, "first N test tokens per corpus (0: all)")
+    eval_batch_size: int = option(4, "perplexity windows per forward")
+    window_prefix: str = option("auto", "start every calibration/recovery block and window with BOS: auto (when "
+                                        "the tokenizer adds one), bos, none", choices=data.WINDOW_PREFIXES)
+    recover_steps: int = option(0, "recovery optimizer steps (0: none)")
+    recover_method: str = option("hylorada", "the recovery adapter", choices=METHODS)
+    recover_data: list = field(default_factory=lambda: ["kjv"])
+    recover_rank: int = option(8, "the recovery adapter's rank")
+    recover_lr: float = option(2e-4, "recovery learning rate")
+    recover_batch_size: int = option(16, "recovery blocks per step")
+    recover_seq_len: int = option(256, "recovery block length")
+    recover_schedule: str = option("sequential", "sequential: up factors then down factors (SVD-LLM); joint: "
+                                                 "both at once", choices=RECOVER_SCHEDULES)
+    recover_targets: str = option("factors", "factors: adapters on up/down (rank stays k); layers: on whole "
+                                             "layers (rank k + r)", choices=RECOVER_TARGETS)
+    seed: int = 0
+    out: str | None = option(None, "output directory (default: do not save); an existing path is refused "
+                                   "unless it is a previous hylorada output and --overwrite is given")
+    overwrite: bool = option(False, "replace a previous hylorada output at --out (atomically, once the new one "
+                                    "is complete)")
+    progress: bool = True
+    record: dict = field(default_factory=dict)  # results.json "argv" and "args" (the command's flags)
+
+
+EVAL_FIELDS = ("eval_seq_len", "max_eval_tokens", "eval_batch_size", "window_prefix")
+RECOVER_FIELDS = ("recover_steps", "recover_method", "recover_rank", "recover_lr", "recover_batch_size",
+                  "recover_seq_len", "recover_schedule")
+
+
+class CompressRecipe:
+    """The steps of one run; the model is compressed (and recovered) in place."""
+
+    def __init__(self, model, tokenizer, config: CompressConfig, settings: CompressSettings, load_s: float = 0.0):
+        self.model, self.tokenizer, self.config, self.s = model, tokenizer, config, settings
+        self.timings: dict[str, float] = {"load_s": load_s}
+        self.ppl: dict[str, dict] = {}
+        self.window_prefix = data.resolve_window_prefix(tokenizer, settings.window_prefix)
+
+    def calibration(self):
+        """Calibration token ids (None when the config needs none); too little text is refused."""
+        if not self.config.needs_calibration:
+            return None
+        s, t = self.s, time.perf_counter()
+        try:
+            ids = calibration_blocks(self.tokenizer, s.calib, self.config.calib_blocks, self.config.calib_seq_len,
+                                     seed=s.seed, window_prefix=self.window_prefix)
+        except ValueError as e:  # "<corpus> (train) has N blocks of L tokens, M asked"
+            raise UsageError(f"--calib {s.calib_label}: {e}; lower --calib-blocks or --calib-seq-len") from None
+        self.timings["calib_data_s"] = time.perf_counter() - t
+        return ids
+
+    def measure(self, stage: str) -> None:
+        s = self.s
+        if s.eval is None:
+            return
+        t = time.perf_counter()
+        self.ppl[stage] = evaluate_corpora(self.model, self.tokenizer, s.eval, s.eval_seq_len, s.max_eval_tokens,
+                                           s.eval_batch_size, s.progress, self.window_prefix)
+        self.timings[f"eval_{stage}_s"] = time.perf_counter() - t
+        print(f"  perplexity {stage:>10}: " + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in self.ppl[stage].items()))
+
+    def compress(self, calibration):
+        t = time.perf_counter()
+        report = compress_model(self.model, self.config, calibration=calibration, progress=self.s.progress)
+        self.timings["compress_s"] = time.perf_counter() - t
+        print(report.to_markdown())
+        print(report.summary())
+        return report
+
+    def recover(self, teacher) -> dict:
+        s = self.s
+        blocks = recovery_blocks(self.tokenizer, s.recover_data, s.recover_seq_len, self.window_prefix)
+        t = time.perf_counter()
+        recovery = recover_compressed(
+            self.model, blocks, method=s.recover_method, steps=s.recover_steps, lora_rank=s.recover_rank,
+            schedule=s.recover_schedule, targets=s.recover_targets, loss=self.config.recover_loss,
+            kd_temperature=self.config.kd_temperature, teacher=teacher,
+            train_config={"batch_size": s.recover_batch_size, "lr": s.recover_lr, "progress": s.progress,
+                          "seed": s.seed})
+        self.timings["recover_s"] = time.perf_counter() - t
+        print(f"  recovery: {recovery['method']} r={recovery['lora_rank']}, {s.recover_steps} steps "
+              f"({recovery['schedule']}), size {recovery['bytes_before'] / 2**20:.1f} -> "
+              f"{recovery['bytes_after'] / 2**20:.1f} MiB")
+        return recovery
+
+    def save(self, report, results: dict) -> None:
+        out = save_compressed(self.model, self.s.out, report=report, tokenizer=self.tokenizer,
+                              overwrite=self.s.overwrite,
+                              extra={"report.md": report.to_markdown(),
+                                     "results.json": json.dumps(evaluate.jsonable(results), indent=2, default=str)})
+        print(f"  wrote {Path(out)}")
+
+
+def compress_and_save(model, tokenizer, config: CompressConfig, settings: CompressSettings, *,
+                      load_s: float = 0.0) -> dict:
+    """The whole run (see the module doc); returns the results.json dict."""
+    recipe = CompressRecipe(model, tokenizer, config, settings, load_s)
+    calibration = recipe.calibration()  # before any perplexity: too little calibration text is refused first
+    recipe.measure("dense")
+    size_dense = evaluate.model_size(model).n_bytes
+    recover = settings.recover_steps > 0
+    teacher = copy.deepcopy(model) if recover and config.recover_loss != "lm" else None  # the dense model, for KD
+    report = recipe.compress(calibration)
+    recipe.measure("compressed")
+    recovery = None
+    if recover:
+        recovery = recipe.recover(teacher)
+        recipe.measure("recovered")
+    size_after = evaluate.model_size(model).n_bytes
+    print(f"  model size: {size_dense / 2**20:.1f} MiB dense -> {size_after / 2**20:.1f} MiB")
+    results = {"command": "compress", "argv": settings.record.get("argv"), "args": settings.record.get("args"),
+               "report": report.to_dict(), "window_prefix": recipe.window_prefix, "perplexity": recipe.ppl,
+               "recovery": recovery, "size_bytes": {"dense": size_dense, "final": size_after},
+               "timings": recipe.timings, "env": environment(str(next(model.parameters()).device))}
+    if settings.out:
+        recipe.save(report, results)
+    return results
+
+
+def evaluate_corpora(model, tokenizer, corpora, seq_len: int, max_tokens: int | None,
+                     batch_size: int = 4, progress: bool = False, window_prefix: str = "auto") -> dict[str, dict]:
+    """{corpus: perplexity result dict} on the test split of each corpus."""
+    bos_id = data.window_bos_id(tokenizer, window_prefix)
+    out = {}
+    for name in sources(corpora):
+        ids = data.eval_split(tokenizer, name, "test")[1]
+        if max_tokens:
+            ids = ids[:, :max_tokens]
+        res = evaluate.perplexity(model, ids, seq_len, batch_size=batch_size, progress=progress,
+                                  bos_id=bos_id).to_dict()
+        res.pop("window_tokens", None)
+        res.pop("window_nll", None)
+        out[str(name)] = res
+    return out
+
+
+def recovery_blocks(tokenizer, corpora, seq_len: int, window_prefix: str = "auto") -> dict:
+    """Training blocks (hylorada.data.training_blocks) of the train split of each corpus, concatenated."""
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    bos_id = data.window_bos_id(tokenizer, window_prefix)
+    parts = [data.training_blocks(tokenizer, n, "train", seq_len, pad, bos_id=bos_id)[0] for n in sources(corpora)]
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+def sources(corpora) -> list:
+    """Corpora as a list: "kjv,my.txt" -> ["kjv", "my.txt"]; a list (of names or DataSpecs) as is."""
+    return [c.strip() for c in corpora.split(",") if c.strip()] if isinstance(corpora, str) else list(corpora)
+
+

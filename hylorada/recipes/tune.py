@@ -28,6 +28,7 @@ At the end the best trial is printed and written to `<out>/best_config.json`:
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
@@ -40,7 +41,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from .errors import HyloradaError, UsageError
+from ..config import METHODS, HyLoRADAConfig, field_flag
+from ..errors import HyloradaError, UsageError
+from ..train import TrainConfig
+from .finetune import ADAPTER_FIELDS, TRAIN_FIELDS
 
 log = logging.getLogger(__name__)
 
@@ -70,16 +74,13 @@ class TuneSettings:
         def bad(name: str, allowed: str) -> None:
             raise UsageError(f"TuneSettings.{name}={getattr(self, name)!r} is invalid: allowed {allowed}")
 
-        def is_int(x: Any) -> bool:
-            return isinstance(x, int) and not isinstance(x, bool)
-
-        if self.method not in ("lora", "dora", "hylorada", "lorada"):
-            bad("method", "one of ['lora', 'dora', 'hylorada', 'lorada']")
-        for name, lo in (("steps", 1), ("batch_size", 1), ("seq_len", 2), ("warmup_steps", 0),
-                         ("valid_blocks", 1), ("seed", 0)):
-            if not is_int(getattr(self, name)) or getattr(self, name) < lo:
+        if self.method not in METHODS:
+            bad("method", f"one of {list(METHODS)}")
+        for name, lo in (("seq_len", 2), ("valid_blocks", 1)):
+            if not _is_int(getattr(self, name)) or getattr(self, name) < lo:
                 bad(name, f"an integer >= {lo}")
-        if not is_int(self.eval_every) or not 1 <= self.eval_every <= self.steps:
+        self.train_config(lr=1e-4)  # steps, batch_size, warmup_steps, seed, mixed_precision: TrainConfig's checks
+        if not _is_int(self.eval_every) or not 1 <= self.eval_every <= self.steps:
             bad("eval_every", f"an integer in [1, steps={self.steps}]")
         for name in ("model", "data", "dtype", "device"):
             if not isinstance(getattr(self, name), str) or not getattr(self, name):
@@ -88,12 +89,14 @@ class TuneSettings:
         if not (isinstance(t, str) and t) and not (isinstance(t, (list, tuple)) and t
                                                     and all(isinstance(x, str) and x for x in t)):
             bad("targets", "'all-linear', a regex string or a non-empty list of module names")
-        if self.mixed_precision not in ("auto", "no", "bf16"):
-            bad("mixed_precision", "one of ['auto', 'no', 'bf16']")
+
+    def train_config(self, lr: float) -> TrainConfig:
+        """The TrainConfig of every trial: these settings, a cosine schedule and the trial's lr."""
+        return TrainConfig(steps=self.steps, batch_size=self.batch_size, lr=lr, warmup_steps=self.warmup_steps,
+                           schedule="cosine", seed=self.seed, eval_every=self.eval_every,
+                           mixed_precision=self.mixed_precision, log_every=0, progress=False)
 
     def to_dict(self) -> dict[str, Any]:
-        import dataclasses
-
         return dataclasses.asdict(self)
 
 
@@ -117,8 +120,8 @@ def default_storage(out_dir: str | os.PathLike) -> str:
 
 
 def max_rank_allowed(model: nn.Module, targets) -> int:
-    from .layers import in_out_features
-    from .model import match_targets
+    from ..layers import in_out_features
+    from ..model import match_targets
 
     return min(min(in_out_features(model.get_submodule(n))) for n in match_targets(model, targets))
 
@@ -208,14 +211,11 @@ def open_study(storage: str, study_name: str, sampler_seed: int | None, seed: in
 
 
 def _prepare_data(tokenizer, settings: TuneSettings):
-    from .data import load_corpus, pack_blocks, token_stream, window_bos_id
+    from ..data import training_blocks, window_bos_id
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    bos = window_bos_id(tokenizer, "auto")  # BOS-led blocks when the tokenizer adds a BOS (hylorada/data.py)
-    train_blocks = pack_blocks(token_stream(tokenizer, load_corpus(settings.data, "train")), settings.seq_len, pad,
-                               bos_id=bos)
-    valid = pack_blocks(token_stream(tokenizer, load_corpus(settings.data, "valid")), settings.seq_len, pad,
-                        bos_id=bos)
+    bos = window_bos_id(tokenizer, "auto")  # BOS-led blocks when the tokenizer adds a BOS (hylorada/data/blocks.py)
+    train_blocks = training_blocks(tokenizer, settings.data, "train", settings.seq_len, bos_id=bos)[0]
+    valid = training_blocks(tokenizer, settings.data, "valid", settings.seq_len, bos_id=bos)[0]
     valid = {k: v[:settings.valid_blocks] for k, v in valid.items()}
     return train_blocks, valid
 
@@ -233,9 +233,8 @@ def run_tune(settings: TuneSettings | None = None, *, n_trials: int = 20, storag
     """
     import optuna
 
-    from .config import HyLoRADAConfig
-    from .model import HyLoRADAModel
-    from .train import NonFiniteLossError, TrainConfig, train
+    from ..model import HyLoRADAModel
+    from ..train import NonFiniteLossError, train
 
     settings = settings or TuneSettings()
     if storage is not None:
@@ -246,7 +245,7 @@ def run_tune(settings: TuneSettings | None = None, *, n_trials: int = 20, storag
     study_name = study_name or f"{settings.method}-{Path(str(settings.model)).name}-{Path(str(settings.data)).name}"
 
     if model_factory is None:
-        from .loading import load_model
+        from ..loading import load_model
 
         def model_factory():
             return load_model(settings.model, dtype=settings.dtype, device=settings.device)
@@ -272,10 +271,7 @@ def run_tune(settings: TuneSettings | None = None, *, n_trials: int = 20, storag
         model = spare.pop() if spare else model_factory()[0]
         torch.manual_seed(settings.seed)
         wrapped = HyLoRADAModel(model, HyLoRADAConfig(**acfg))
-        tcfg = TrainConfig(steps=settings.steps, batch_size=settings.batch_size, lr=params["lr"],
-                           warmup_steps=settings.warmup_steps, schedule="cosine", seed=settings.seed,
-                           eval_every=settings.eval_every, mixed_precision=settings.mixed_precision,
-                           log_every=0, progress=False)
+        tcfg = settings.train_config(lr=params["lr"])
         trial.set_user_attr("adapter_config", acfg)
         trial.set_user_attr("train", {"steps": tcfg.steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
                                       "warmup_steps": tcfg.warmup_steps, "schedule": tcfg.schedule,
@@ -345,16 +341,18 @@ def summarize(study, storage: str, out: Path | None, settings: TuneSettings, min
     return res
 
 
-def finetune_options() -> set[str]:
-    """The option strings `hylorada finetune` accepts (empty when the command is missing)."""
-    import argparse
+def _is_int(x: Any) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
 
-    try:
-        from .commands import finetune
-    except ImportError:
-        return set()
-    sub = argparse.ArgumentParser().add_subparsers()
-    return set(finetune.add_parser(sub)._option_string_actions)
+
+def finetune_flag(cls, name: str) -> tuple[str, bool]:
+    """(flag, whether `hylorada finetune` has it) of the config field `cls.name`, read the way
+    hylorada/commands/finetune.py generates its flags (recipes/finetune.py ADAPTER_FIELDS,
+    TRAIN_FIELDS); `cls=None`: `name` is a flag of the run itself (--model, --data, --seq-len)."""
+    if cls is None:
+        return name, True
+    f = next(f for f in dataclasses.fields(cls) if f.name == name)
+    return field_flag(f), name in {HyLoRADAConfig: ADAPTER_FIELDS, TrainConfig: TRAIN_FIELDS}[cls]
 
 
 def best_config(trial, study_name: str, storage: str, settings: TuneSettings) -> dict[str, Any]:
@@ -365,26 +363,27 @@ def best_config(trial, study_name: str, storage: str, settings: TuneSettings) ->
         settings.method, trial.params, settings.targets)
     tr = trial.user_attrs.get("train", {})
     targets = acfg.get("target_modules")
-    wanted: list[tuple[str, list[str]]] = [
-        ("--model", [str(settings.model)]), ("--method", [acfg["method"]]), ("--data", [str(settings.data)]),
-        ("--rank", [str(acfg["lora_rank"])]), ("--alpha", [f"{acfg['lora_alpha']:g}"]),
-        ("--dropout", [f"{acfg['lora_dropout']:.6g}"]),
-        ("--target-modules", [targets] if isinstance(targets, str) else list(targets or [])),
-        ("--lr", [f"{tr.get('lr', trial.params['lr']):.6g}"]), ("--steps", [str(tr.get("steps", settings.steps))]),
-        ("--seq-len", [str(settings.seq_len)]), ("--batch-size", [str(settings.batch_size)]),
-        ("--warmup-steps", [str(settings.warmup_steps)]), ("--seed", [str(settings.seed)])]
+    H, T = HyLoRADAConfig, TrainConfig  # (config, field) or (None, flag) -> the values written
+    wanted: list[tuple[Any, str, list[str]]] = [
+        (None, "--model", [str(settings.model)]), (H, "method", [acfg["method"]]), (None, "--data", [str(settings.data)]),
+        (H, "lora_rank", [str(acfg["lora_rank"])]), (H, "lora_alpha", [f"{acfg['lora_alpha']:g}"]),
+        (H, "lora_dropout", [f"{acfg['lora_dropout']:.6g}"]),
+        (H, "target_modules", [targets] if isinstance(targets, str) else list(targets or [])),
+        (T, "lr", [f"{tr.get('lr', trial.params['lr']):.6g}"]), (T, "steps", [str(tr.get("steps", settings.steps))]),
+        (None, "--seq-len", [str(settings.seq_len)]), (T, "batch_size", [str(settings.batch_size)]),
+        (T, "warmup_steps", [str(settings.warmup_steps)]), (T, "seed", [str(settings.seed)])]
     if acfg.get("lora_plus_enabled"):
-        wanted.append(("--lora-plus-ratio", [f"{acfg['lora_plus_ratio']:.6g}"]))
+        wanted.append((H, "lora_plus_ratio", [f"{acfg['lora_plus_ratio']:.6g}"]))
     for key in ("gate_init", "residual_init"):
         if key in acfg:
-            wanted.append((f"--{key.replace('_', '-')}", [f"{acfg[key]:.6g}"]))
-    known = finetune_options()
+            wanted.append((H, key, [f"{acfg[key]:.6g}"]))
     args: list[str] = []
     missing: dict[str, Any] = {}
-    for flag, vals in wanted:
+    for cls, name, vals in wanted:
         if not vals:
             continue
-        if flag in known:
+        flag, known = finetune_flag(cls, name)
+        if known:
             args += [flag, *vals]
         else:
             missing[flag] = vals if len(vals) > 1 else vals[0]
