@@ -71,6 +71,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--rows", default="*", help="comma-separated patterns of row ids (see --list-rows)")
     ap.add_argument("--frozen", action="store_true", help="add the frozen-forward rows (frozen/*) to --rows")
     ap.add_argument("--list-rows", action="store_true")
+    ap.add_argument("--table", action="store_true", help="print the tables of --out and exit")
     ap.add_argument("--out", default="perf.json")
     ap.add_argument("--append", action="store_true", help="merge into an existing --out (resume)")
     ap.add_argument("--redo", action="store_true", help="with --append: measure rows already in --out again")
@@ -102,7 +103,9 @@ def check_args(args) -> None:
         [float(d) for d in args.dropouts.split(",")] + [int(b) for b in args.decode_batches.split(",")]
     except ValueError:
         fail("--dropouts/--decode-batches", f"{args.dropouts} / {args.decode_batches}", "comma-separated numbers")
-    if Path(args.out).exists() and not args.append and not args.list_rows:
+    if args.table and not Path(args.out).is_file():
+        fail("--out", args.out, "an existing gpu_speed JSON with --table")
+    if Path(args.out).exists() and not (args.append or args.list_rows or args.table):
         fail("--out", args.out, "a new file, or --append to merge into this one")
 
 
@@ -161,6 +164,9 @@ def measure(row: Row, run_index: int, device: str) -> dict:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.table:
+        print(markdown_table(json.loads(Path(args.out).read_text())))
+        return 0
     rows = select(all_rows(args), args.rows, args.frozen)
     if args.list_rows:
         print("\n".join(r.id for r in rows))

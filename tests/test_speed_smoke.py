@@ -48,3 +48,5 @@ def test_gpu_speed_smoke_rows_checks_and_resume(tmp_path):
     rows2 = {r["id"]: r for r in data["rows"]}
     assert set(rows2) == set(rows) | {"merge/merge()"}
     assert rows2["train/eager/0.05/dora"] == train and rows2["merge/merge()"]["run"] == 1
+    table = _run(out, "--table")
+    assert table.returncode == 0 and "| merge/merge() |" in table.stdout and "run 1:" in table.stdout
