@@ -14,7 +14,7 @@ ranks, not on the values, so no checkpoint is needed.
 Per row `decode/<mode>/<model>/b<batch>`: prefill_ms = generate(max_new_tokens=1) (prompt
 forward + cache set-up + one token), decode_ms_per_token = (t(N) - t(1)) / (N - 1) for
 N = --new-tokens, tokens_per_s = batch (N - 1) / (t(N) - t(1)), the first call (compilation),
-peak memory; checks: a compressed model against its own dense equivalent in fp32 (rel_err), and
+graphs compiled after it (recompiles, should be 0), peak memory; checks: a compressed model against its own dense equivalent in fp32 (rel_err), and
 in compiled rows the fraction of generated tokens equal to the eager path's (bf16: a near-tie
 may flip a token and the greedy continuation after it).
 """
@@ -55,7 +55,9 @@ def generate_fn(model, prompt, args, device, mode: str):
 
 
 def decode_row(args, device, mode: str, name: str, batch: int) -> dict:
+    from torch._dynamo.utils import counters
     torch._dynamo.reset()
+    counters.clear()
     n = args.new_tokens
     model, report = compressed_model(args, device, MODELS[name], args.prompt_len + n)
     prompt = random_ids(args.shape, batch, args.prompt_len, device, seed=3)
@@ -64,12 +66,14 @@ def decode_row(args, device, mode: str, name: str, batch: int) -> dict:
            "prompt_len": args.prompt_len, "new_tokens": n}
     out, row["first_call_s"] = generate(n)  # compiles in compiled rows
     generate(1)
+    graphs = counters["stats"]["unique_graphs"]
     peak_reset(device)
     prefill = statistics.median(generate(1)[1] for _ in range(args.decode_reps))
     total = statistics.median(generate(n)[1] for _ in range(args.decode_reps))
     row.update(prefill_ms=1000 * prefill, decode_ms_per_token=1000 * (total - prefill) / (n - 1),
                tokens_per_s=batch * (n - 1) / (total - prefill), total_ms=1000 * total,
-               peak_gib=peak_gib(device))
+               peak_gib=peak_gib(device), graphs=counters["stats"]["unique_graphs"],
+               recompiles=counters["stats"]["unique_graphs"] - graphs)
     if out.shape[1] != args.prompt_len + n:
         raise RuntimeError(f"generate returned {out.shape[1] - args.prompt_len} new tokens, not {n}")
     if mode == "compiled":

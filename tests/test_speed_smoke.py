@@ -34,7 +34,8 @@ def test_gpu_speed_smoke_rows_checks_and_resume(tmp_path):
     compiled = rows["train/compiled/0.05/hylorada"]
     assert compiled["graph_breaks"] == 0 and compiled["recompiles"] == 0 and compiled["graphs"] == 1
     decode = rows["decode/compiled/svd40/b2"]
-    assert decode["decode_ms_per_token"] > 0 and decode["tokens_agree"] == 1.0
+    assert decode["decode_ms_per_token"] > 0 and decode["tokens_agree"] == 1.0 and decode["recompiles"] == 0
+    assert decode["graphs"] >= 1 and rows["decode/eager/svd40/b1"]["graphs"] == 0  # compiled decode ran
     assert "| train/compiled/0.05/hylorada |" in first.stdout
 
     refused = _run(out, "--rows", "merge/merge()")  # an existing --out needs --append
