@@ -3,7 +3,7 @@
     model = HyLoRADAModel(base, HyLoRADAConfig(...))      # base: bf16 weights, as loaded
     model.train()
     opt = torch.optim.AdamW(model.parameter_groups(lr))
-    run = torch.compile(model) if compiled else model     # mode "default"
+    run = compile_forward(model, "blocks") if compiled else model  # what hylorada's trainer compiles
     with torch.autocast("cuda", torch.bfloat16): loss = run(input_ids=ids, labels=ids).loss
     loss.backward(); opt.step(); opt.zero_grad()
 
@@ -35,6 +35,7 @@ from speed_common import (TARGETS, Row, autocast, build_model, peak_gib, peak_re
 
 from hylorada import HyLoRADAConfig, HyLoRADAModel
 from hylorada.adapters import AdapterLayer
+from hylorada.nn.compile import compile_forward
 
 METHODS = ["peft-lora", "peft-dora", "lora", "dora", "hylorada", "lorada"]
 
@@ -93,7 +94,9 @@ def dropout_active(model) -> int:
 
 
 def compiled(model, args):
-    return torch.compile(model, mode=args.compile_mode, backend=args.compile_backend)
+    """The trainer's compile (hylorada/nn/compile.py), for peft's models and ours alike:
+    --compile-scope blocks (regional, the trainer's default) or model (torch.compile(model))."""
+    return compile_forward(model, args.compile_scope, mode=args.compile_mode, backend=args.compile_backend)
 
 
 def train_step_fn(run_model, params, ids, device):
