@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from functools import partial
 
 import torch
 
@@ -67,13 +68,13 @@ def bench_compress(args, device, rows) -> None:
 
 @torch.no_grad()
 def bench_compressed(args, device, ids, rows) -> None:
-    def fwd(m):
+    def fwd(m):  # bound to each model with functools.partial: a lambda would read `model` when called
         with autocast(device):
             return m(input_ids=ids).logits
 
     tokens = ids.numel()
     model = build_model(args.shape, device, torch.bfloat16, ids.shape[1])
-    dense_t = statistics.median(timed(lambda: fwd(model), device, args.steps, args.warmup))
+    dense_t = statistics.median(timed(partial(fwd, model), device, args.steps, args.warmup))
     rows.append({"part": "compressed", "method": "dense", "ms": 1000 * dense_t,
                  "tokens_per_s": tokens / dense_t, "ratio_vs_base": 1.0})
     print(fmt_row(rows[-1]), flush=True)
@@ -82,7 +83,7 @@ def bench_compressed(args, device, ids, rows) -> None:
         model = build_model(args.shape, device, torch.bfloat16, ids.shape[1])
         report = compress_model(model, CompressConfig(method="svd", ratio=ratio, svd_solver="randomized",
                                                       n_iter=0, compute_dtype="float32", rank_multiple=8))
-        t = statistics.median(timed(lambda: fwd(model), device, args.steps, args.warmup))
+        t = statistics.median(timed(partial(fwd, model), device, args.steps, args.warmup))
         model.float()  # the check runs in float32 (TF32 off)
         out = model(input_ids=ids[:1, :256]).logits
         # reference: the same model with every factorized layer materialized as a dense Linear

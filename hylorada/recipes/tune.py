@@ -41,13 +41,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import METHODS, HyLoRADAConfig, field_flag
+from ..config import METHODS, HyLoRADAConfig, field_flag, option
 from ..errors import HyloradaError, UsageError
 from ..train import TrainConfig
 from .finetune import ADAPTER_FIELDS, TRAIN_FIELDS
 
 log = logging.getLogger(__name__)
 
+# the TuneSettings fields `hylorada tune` sets by a flag (hylorada/commands/tune.py)
+TUNE_FIELDS = ("method", "model", "data", "steps", "batch_size", "seq_len", "eval_every", "valid_blocks", "targets",
+               "seed", "device")
 RANK_CHOICES = (4, 8, 16, 32)
 ALPHA_RATIO_CHOICES = (0.5, 1.0, 2.0, 4.0)
 SEARCH_SPACE_DOC = __doc__
@@ -55,19 +58,21 @@ SEARCH_SPACE_DOC = __doc__
 
 @dataclass
 class TuneSettings:
-    method: str = "hylorada"
-    model: str = "smollm2-135m"
-    data: str = "shakespeare"
-    steps: int = 40
-    batch_size: int = 4
-    seq_len: int = 128
+    """What every trial shares. The fields with a help text are `hylorada tune` flags (TUNE_FIELDS)."""
+
+    method: str = option("hylorada", "the adapter", choices=METHODS)
+    model: str = option("smollm2-135m", "model alias, folder, .gguf file or hub id")
+    data: str = option("shakespeare", "kjv, shakespeare or a .txt/.jsonl file or folder")
+    steps: int = option(40, "training steps per trial")
+    batch_size: int = option(4, "blocks per step")
+    seq_len: int = option(128, "block length")
     warmup_steps: int = 2
-    eval_every: int = 10
-    valid_blocks: int = 16
-    seed: int = 0
-    targets: str | list[str] = "all-linear"
+    eval_every: int = option(10, "valid loss (reported to the pruner) every N steps")
+    valid_blocks: int = option(16, "valid blocks per evaluation")
+    seed: int = option(0, "training seed (data order, init; the same for every trial) and TPE seed")
+    targets: list[str] | str = option("all-linear", "module names/suffixes or 'all-linear'", flag="--target-modules")
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = option("cpu", "cpu | cuda")
     mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
