@@ -11,7 +11,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from gpu_speed import SHAPES, build_model, ours_config, train_step_fn  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from speed_common import SHAPES, build_model  # noqa: E402
+from train_speed import ours_config, train_step_fn  # noqa: E402
 
 from hylorada import HyLoRADAModel  # noqa: E402
 
@@ -30,7 +32,7 @@ def main() -> int:
     ids = torch.randint(0, SHAPES[args.shape]["vocab_size"], (args.batch, args.seq_len), device=device)
     for method in args.methods.split(","):
         model = HyLoRADAModel(base, ours_config(method, 16, args.dropout)).train()
-        step, _ = train_step_fn(model, model.parameter_groups(1e-5), ids, device)
+        step = train_step_fn(model, model.parameter_groups(1e-5), ids, device)
         for _ in range(3):
             step()
         torch.cuda.synchronize()

@@ -1,6 +1,6 @@
 """Trainer for adapters (and compression recovery) on packed causal-LM blocks.
 
-The whole flow, top to bottom, in :func:`train`:
+`train(model, train_blocks, valid_blocks, config)` builds a :class:`Trainer` and runs it:
 
 1. Freeze everything but the adapter (``model.trainable_parameters()``).
 2. AdamW over ``model.parameter_groups(lr, weight_decay)`` (LoRA+ groups keep their own rates:
@@ -11,21 +11,13 @@ The whole flow, top to bottom, in :func:`train`:
    losses divided by the number of real target tokens in the whole global batch, so gradient
    accumulation and any number of processes give the gradient of one big batch.
 4. Clip, step, schedule; evaluate every ``eval_every`` steps; checkpoint every ``save_every``
-   steps (atomically: temp dir, fsync, rename) into ``out_dir/checkpoint-last`` and keep the best
-   validation checkpoint in ``out_dir/checkpoint-best``.
+   steps into ``out_dir/checkpoint-last`` and keep the best validation checkpoint in
+   ``out_dir/checkpoint-best`` (hylorada/checkpoint.py: layout, atomic write, safe read).
 
 Batch-size convention: ``batch_size`` is the GLOBAL micro-batch (blocks per forward summed over
 all processes), the global batch per optimizer step is ``batch_size * grad_accum`` blocks, and
 neither depends on the number of processes (each process gets ``batch_size / world_size`` blocks
 per micro-batch; uneven splits are allowed, ``batch_size >= world_size`` is required).
-
-Checkpoint layout (``checkpoint-last`` / ``checkpoint-best``)::
-
-    adapter.safetensors   model.adapter_state_dict()
-    optimizer.pt          optimizer.state_dict()        (torch.save; loaded with weights_only=True)
-    scheduler.pt          scheduler.state_dict()        (idem)
-    rng.pt                python/numpy/torch/cuda RNG states of every process (idem)
-    trainer_state.json    step, data position (epoch, index), history, config  -- written last
 """
 from __future__ import annotations
 
@@ -35,31 +27,28 @@ import json
 import logging
 import math
 import os
-import random
-import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-import numpy as np
 import torch
-import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .errors import HyloradaError, UsageError
-from .losses import check_loss, kd_loss_sum
+from .checkpoint import (CHECKPOINT_BEST, CHECKPOINT_LAST, BlockSampler, find_checkpoint, load_adapter_checkpoint,
+                         load_training_state, refuse_overwriting_checkpoints, rng_state, seed_everything,
+                         set_rng_state, write_checkpoint)
+from .config import option
+from .errors import UsageError
+from .losses import LOSSES, causal_lm_loss_sum, check_loss, count_targets, logits_of, step_loss_sum
+from .optim import base_group, build_optimizer, build_scheduler, clear_grads, freeze_base
+from .nn.compile import SCOPES, compile_forward
 
 logger = logging.getLogger(__name__)
 
-IGNORE_INDEX = -100
 SCHEDULES = ("cosine", "linear", "constant")
 MIXED_PRECISION = ("auto", "no", "bf16")
-CHECKPOINT_LAST = "checkpoint-last"
-CHECKPOINT_BEST = "checkpoint-best"
-STATE_FILE = "trainer_state.json"
-ADAPTER_FILE = "adapter.safetensors"
+COMPILE = ("auto", "yes", "no")
 LOG_FILE = "train_log.jsonl"
 
 
@@ -83,56 +72,68 @@ class NonFiniteLossError(RuntimeError):
 # ----------------------------------------------------------------------------------------------
 @dataclass
 class TrainConfig:
-    """Training hyper-parameters.
+    """Training hyper-parameters; each field's metadata["help"] says what it does and allows."""
 
-    steps           optimizer steps in total (a resumed run continues up to this number)
-    batch_size      GLOBAL micro-batch in blocks (summed over processes; >= number of processes)
-    grad_accum      micro-batches per optimizer step; global batch = batch_size * grad_accum
-    lr              base learning rate (lora_A and scalars; lora_B gets lr * lora_plus_ratio
-                    when the model's LoRA+ is on -- that is the model's parameter_groups' choice)
-    weight_decay    AdamW weight decay for the low-rank factors (the "scalars" group gets 0)
-    warmup_steps    linear warm-up: factor (s+1)/(warmup_steps+1) for step index s < warmup_steps
-    schedule        "cosine" | "linear" | "constant" decay after warm-up, down to min_lr_ratio
-    min_lr_ratio    final lr factor for cosine/linear
-    max_grad_norm   clip the global gradient norm to this (None or 0: no clipping, norm logged)
-    seed            seeds python/numpy/torch (+ process index) and the data order (not + index)
-    eval_every      evaluate on the valid blocks every N steps and at the end (0: never)
-    eval_batches    number of valid micro-batches (of batch_size blocks) per evaluation (None: all)
-    save_every      write checkpoint-last every N steps (0: only at the end); needs out_dir
-    out_dir         where checkpoints and train_log.jsonl go (None: nothing is written)
-    resume          continue from out_dir/checkpoint-last if it exists (else start fresh)
-    mixed_precision "auto" (bf16 autocast on CUDA with bf16 support, fp32 otherwise) | "no" | "bf16"
-    log_every       write a train_log.jsonl line (and a log message) every N steps (0: never)
-    progress        show a tqdm progress bar (main process only)
-    shuffle         shuffle the blocks with a seeded permutation per epoch
-    find_unused_parameters  for DDP; None: probe once with a forward/backward (distributed only)
-    loss            "lm" (next-token cross-entropy) | "kd" | "kd+lm": distillation from the
-                    `teacher` given to train() (hylorada/losses.py); validation stays the LM loss
-    kd_temperature  T of the distillation softmax (the KL is scaled by T²)
-    """
+    steps: int = option(100, "Optimizer steps in total, an integer >= 1 (a resumed run continues "
+                             "up to this number).")
+    batch_size: int = option(8, "GLOBAL micro-batch in blocks, summed over the processes: an "
+                                "integer >= 1 and >= the number of processes.")
+    grad_accum: int = option(1, "Micro-batches per optimizer step, an integer >= 1 (the global "
+                                "batch is batch_size * grad_accum blocks).")
+    lr: float = option(2e-4, "Base learning rate, a finite number > 0 (lora_A and scalars; lora_B "
+                             "gets lr * lora_plus_ratio when the model's LoRA+ is on).")
+    weight_decay: float = option(0.0, "AdamW weight decay of the low-rank factors (the scalars "
+                                      "group gets 0), a finite number >= 0.")
+    warmup_steps: int = option(0, "Linear warm-up steps, an integer >= 0: the lr factor is "
+                                  "(s+1)/(warmup_steps+1) for step index s < warmup_steps.")
+    schedule: str = option("cosine", "Decay after warm-up down to min_lr_ratio: 'cosine', "
+                                     "'linear' or 'constant'.", choices=SCHEDULES)
 
-    steps: int = 100
-    batch_size: int = 8
-    grad_accum: int = 1
-    lr: float = 2e-4
-    weight_decay: float = 0.0
-    warmup_steps: int = 0
-    schedule: str = "cosine"
-    min_lr_ratio: float = 0.0
-    max_grad_norm: float | None = 1.0
-    seed: int = 0
-    eval_every: int = 0
-    eval_batches: int | None = None
-    save_every: int = 0
-    out_dir: str | None = None
-    resume: bool = False
-    mixed_precision: str = "auto"
-    log_every: int = 10
-    progress: bool = True
-    shuffle: bool = True
-    find_unused_parameters: bool | None = None
-    loss: str = "lm"
-    kd_temperature: float = 1.0
+    min_lr_ratio: float = option(0.0, "Final lr factor of the cosine and linear schedules, a "
+                                      "number in [0, 1].")
+    max_grad_norm: float | None = option(1.0, "Clip the global gradient norm to this finite "
+                                              "number >= 0; None or 0: no clipping (the norm is "
+                                              "still logged).")
+    seed: int = option(0, "Seed of python/numpy/torch (plus the process index) and of the data "
+                          "order, an integer >= 0.")
+    eval_every: int = option(0, "Evaluate on the valid blocks every N steps and at the end, an "
+                                "integer >= 0 (0: never).")
+    eval_batches: int | None = option(None, "Valid micro-batches of batch_size blocks per "
+                                            "evaluation, an integer >= 1, or None for all.")
+    save_every: int = option(0, "Write checkpoint-last every N steps, an integer >= 0 (0: only at "
+                                "the end); needs out_dir.")
+    out_dir: str | None = option(None, "Folder of the checkpoints and train_log.jsonl, or None to "
+                                       "write nothing.")
+    resume: bool = option(False, "True: continue from out_dir/checkpoint-last when it exists (a "
+                                 "fresh start otherwise); needs out_dir.")
+    mixed_precision: str = option("auto", "'auto' (bf16 autocast on CUDA with bf16 support, fp32 "
+                                          "otherwise), 'no' or 'bf16'.", choices=MIXED_PRECISION)
+
+    log_every: int = option(10, "Write a train_log.jsonl line and a log message every N steps, an "
+                                "integer >= 0 (0: never).")
+    progress: bool = option(True, "True or False: show a tqdm progress bar (main process only).")
+    shuffle: bool = option(True, "True or False: shuffle the blocks with a seeded permutation per "
+                                 "epoch.")
+    find_unused_parameters: bool | None = option(None, "DDP's find_unused_parameters: True, False, "
+                                                       "or None to probe it once with a "
+                                                       "forward/backward (distributed runs only).")
+    loss: str = option("lm", "Objective: 'lm' (next-token cross-entropy), 'kd' or 'kd+lm' "
+                             "(distillation from the teacher given to train(), hylorada/losses.py); "
+                             "validation stays the LM loss.", choices=LOSSES)
+
+    kd_temperature: float = option(1.0, "Temperature T of the distillation softmax (the KL is "
+                                        "scaled by T²), a finite number > 0.")
+    compile: str = option("auto", "torch.compile the training forward: 'auto' (on when the device "
+                                  "is CUDA), 'yes' or 'no'; results agree with eager up to float "
+                                  "rounding.", choices=COMPILE)
+
+    compile_scope: str = option("blocks", "What compile covers: 'blocks' (each repeated decoder "
+                                          "block compiled once and reused: compile time of one "
+                                          "layer) or 'model' (one graph for the whole forward); "
+                                          "hylorada/nn/compile.py.", choices=SCOPES)
+
+    compile_backend: str = option("inductor", "The torch.compile backend when compile is on, e.g. "
+                                              "'inductor' or 'aot_eager' (the CPU tests).")
 
     def __post_init__(self) -> None:
         def bad(name: str, allowed: str) -> None:
@@ -176,6 +177,12 @@ class TrainConfig:
         if self.find_unused_parameters not in (None, True, False):
             bad("find_unused_parameters", "None (auto), True or False")
         check_loss(self.loss, self.kd_temperature, "TrainConfig.loss", "TrainConfig.kd_temperature")
+        if self.compile not in COMPILE:
+            bad("compile", f"one of {list(COMPILE)}")
+        if self.compile_scope not in SCOPES:
+            bad("compile_scope", f"one of {list(SCOPES)}")
+        if not isinstance(self.compile_backend, str) or not self.compile_backend:
+            bad("compile_backend", "the name of a torch.compile backend, e.g. 'inductor'")
 
     @property
     def global_batch(self) -> int:
@@ -205,309 +212,24 @@ class TrainResult:
     mean_tokens_per_s: float = 0.0
     world_size: int = 1
     mixed_precision: str = "no"
+    compiled: bool = False
     out_dir: str | None = None
+
+    HISTORY = ("losses", "lrs", "grad_norms", "tokens_per_s", "valid_losses")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
+    def history(self) -> dict[str, list]:
+        """The per-step lists, as a checkpoint's trainer_state.json stores them."""
+        return {k: getattr(self, k) for k in self.HISTORY}
 
-# ----------------------------------------------------------------------------------------------
-# loss
-# ----------------------------------------------------------------------------------------------
-def _upcast(logits: torch.Tensor) -> torch.Tensor:
-    """Half-precision logits (bf16 autocast) are scored in fp32; fp32/fp64 are kept."""
-    return logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
-
-
-def _targets(labels: torch.Tensor, attention_mask: torch.Tensor | None) -> torch.Tensor:
-    """Shifted targets [b, L-1]: position t is predicted from logits at t-1; padding -> -100."""
-    if attention_mask is not None:
-        labels = labels.masked_fill(attention_mask == 0, IGNORE_INDEX)
-    return labels[:, 1:]
-
-
-def token_losses(logits: torch.Tensor, labels: torch.Tensor,
-                 attention_mask: torch.Tensor | None = None) -> torch.Tensor:
-    """Per-position NLL [b, L-1] in fp32 or better (logits at t score labels at t+1); 0 where ignored.
-
-    A position is ignored when its label is -100 or its attention_mask is 0 (padding).
-    """
-    targets = _targets(labels, attention_mask)
-    logits = _upcast(logits[:, :-1])
-    nll = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                          ignore_index=IGNORE_INDEX, reduction="none")
-    return nll.view(targets.shape)
-
-
-def causal_lm_loss_sum(logits: torch.Tensor, labels: torch.Tensor,
-                       attention_mask: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
-    """(sum of token NLLs over real targets, number of real targets); padding never counts."""
-    targets = _targets(labels, attention_mask)
-    logits = _upcast(logits[:, :-1])
-    total = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1),
-                            ignore_index=IGNORE_INDEX, reduction="sum")
-    return total, int((targets != IGNORE_INDEX).sum())
-
-
-def count_targets(labels: torch.Tensor, attention_mask: torch.Tensor | None = None) -> int:
-    return int((_targets(labels, attention_mask) != IGNORE_INDEX).sum())
-
-
-def step_loss_sum(config: TrainConfig, logits: torch.Tensor, mb: dict[str, torch.Tensor],
-                  teacher: nn.Module | None, autocast=contextlib.nullcontext) -> torch.Tensor:
-    """Sum over the micro-batch's target tokens of config.loss (hylorada/losses.py); the
-    teacher's forward runs under `autocast()` (the student's precision)."""
-    lm, _ = causal_lm_loss_sum(logits, mb["labels"], mb["attention_mask"])
-    if config.loss == "lm":
-        return lm
-    with torch.no_grad(), autocast():
-        t_logits = _logits(teacher(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                                   use_cache=False))
-    kd, _ = kd_loss_sum(logits, t_logits, mb["labels"], mb["attention_mask"], config.kd_temperature)
-    return kd if config.loss == "kd" else kd + lm.to(kd.dtype)
-
-
-def _clear_grads(params: list[nn.Parameter]) -> None:
-    """p.grad = None for every trainable parameter (the trainer owns the gradients)."""
-    for p in params:
-        p.grad = None
-
-
-def _logits(output: Any) -> torch.Tensor:
-    return output.logits if hasattr(output, "logits") else output[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# optimizer and schedule
-# ----------------------------------------------------------------------------------------------
-def freeze_base(model: nn.Module) -> list[nn.Parameter]:
-    """requires_grad = True exactly for model.trainable_parameters(); returns them."""
-    trainable = list(model.trainable_parameters())
-    if not trainable:
-        raise ValueError("the model has no trainable (adapter) parameters")
-    ids = {id(p) for p in trainable}
-    for p in model.parameters():
-        p.requires_grad_(id(p) in ids)
-    return trainable
-
-
-def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over model.parameter_groups(lr, weight_decay) (group "name" keys and LoRA+ lrs kept)."""
-    groups = [dict(g) for g in model.parameter_groups(config.lr, config.weight_decay)]
-    groups = [g for g in groups if len(list(g["params"])) > 0]
-    for g in groups:
-        g["params"] = list(g["params"])
-    covered = {id(p) for g in groups for p in g["params"]}
-    missing = [n for n, p in model.named_trainable_parameters() if id(p) not in covered]
-    if missing:
-        raise ValueError(f"parameter_groups() does not cover trainable parameters {missing[:5]}")
-    return torch.optim.AdamW(groups, lr=config.lr, weight_decay=config.weight_decay)
-
-
-def lr_factor(step: int, config: TrainConfig) -> float:
-    """LR multiplier for the update of step index `step` (0-based: the update that makes step+1)."""
-    w = config.warmup_steps
-    if step < w:
-        return (step + 1) / (w + 1)
-    if config.schedule == "constant" or config.steps <= w:
-        return 1.0
-    progress = min(1.0, (step - w) / (config.steps - w))
-    m = config.min_lr_ratio
-    if config.schedule == "linear":
-        return m + (1.0 - m) * (1.0 - progress)
-    return m + (1.0 - m) * 0.5 * (1.0 + math.cos(math.pi * progress))
-
-
-def build_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig) -> torch.optim.lr_scheduler.LambdaLR:
-    """LambdaLR: each group's lr = its own initial lr x lr_factor(step) (LoRA+ ratios survive)."""
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
-
-
-def _base_group(optimizer: torch.optim.Optimizer) -> dict:
-    for g in optimizer.param_groups:
-        if g.get("name") == "lora_A":
-            return g
-    return optimizer.param_groups[0]
-
-
-# ----------------------------------------------------------------------------------------------
-# seeding, RNG states, data order
-# ----------------------------------------------------------------------------------------------
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)  # also seeds every CUDA device
-
-
-def rng_state() -> dict[str, Any]:
-    """RNG states as tensors and plain numbers (loadable with torch.load(weights_only=True))."""
-    version, py_state, gauss = random.getstate()
-    kind, keys, pos, has_gauss, cached = np.random.get_state()
-    state: dict[str, Any] = {
-        "python": {"version": int(version), "state": torch.tensor(py_state, dtype=torch.int64),
-                   "gauss": gauss},
-        "numpy": {"kind": str(kind), "keys": torch.from_numpy(keys.astype(np.int64)), "pos": int(pos),
-                  "has_gauss": int(has_gauss), "cached": float(cached)},
-        "torch": torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: dict[str, Any]) -> None:
-    py = state["python"]
-    random.setstate((py["version"], tuple(int(x) for x in py["state"].tolist()), py["gauss"]))
-    npy = state["numpy"]
-    np.random.set_state((npy["kind"], npy["keys"].numpy().astype(np.uint32), npy["pos"],
-                         npy["has_gauss"], npy["cached"]))
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-class BlockSampler:
-    """Deterministic stream of block indices: a seeded permutation per epoch.
-
-    The position is (epoch, index): the next block is permutation(epoch)[index]. A global batch
-    that runs past the end of an epoch continues with the next epoch's permutation.
-    """
-
-    def __init__(self, n_blocks: int, seed: int, shuffle: bool = True, epoch: int = 0, index: int = 0):
-        if n_blocks < 1:
-            raise ValueError("no training blocks")
-        self.n, self.seed, self.shuffle = n_blocks, seed, shuffle
-        self.epoch, self.index = epoch, index
-        self._perm: tuple[int, torch.Tensor] | None = None
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if self._perm is None or self._perm[0] != epoch:
-            if self.shuffle:
-                g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-                perm = torch.randperm(self.n, generator=g)
-            else:
-                perm = torch.arange(self.n)
-            self._perm = (epoch, perm)
-        return self._perm[1]
-
-    def take(self, count: int) -> torch.Tensor:
-        out = []
-        while count > 0:
-            if self.index >= self.n:
-                self.epoch, self.index = self.epoch + 1, 0
-            k = min(count, self.n - self.index)
-            out.append(self.permutation(self.epoch)[self.index:self.index + k])
-            self.index += k
-            count -= k
-        return torch.cat(out)
-
-
-# ----------------------------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------------------------
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as fh:
-        os.fsync(fh.fileno())
-
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - platforms without directory fds
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def _adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.adapter_state_dict().items()}
-
-
-def write_checkpoint(out_dir: str | Path, name: str, *, model: nn.Module, optimizer, scheduler,
-                     rng_states: list[dict], state: dict[str, Any]) -> Path:
-    """Write out_dir/name atomically: temp dir, fsync every file and the dir, then rename.
-
-    An existing checkpoint is first renamed to ``.old-<name>`` and removed after the swap; if the
-    process dies between the two renames, :func:`find_checkpoint` falls back to the old one.
-    ``trainer_state.json`` is written last: a directory without it is never used.
-    """
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    final, tmp, old = out / name, out / f".tmp-{name}", out / f".old-{name}"
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    save_file(_adapter_tensors(model), str(tmp / ADAPTER_FILE),
-              metadata={"format": "pt", "step": str(state["step"])})
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save({"ranks": rng_states}, tmp / "rng.pt")
-    (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
-    for f in tmp.iterdir():
-        _fsync_file(f)
-    _fsync_dir(tmp)
-    if final.exists():
-        if old.exists():
-            shutil.rmtree(old)
-        os.rename(final, old)
-    os.rename(tmp, final)
-    _fsync_dir(out)
-    if old.exists():
-        shutil.rmtree(old)
-    return final
-
-
-def find_checkpoint(out_dir: str | Path, name: str = CHECKPOINT_LAST) -> Path | None:
-    """The complete checkpoint `name` in out_dir (or its `.old-` copy after a crash mid-swap)."""
-    for cand in (Path(out_dir) / name, Path(out_dir) / f".old-{name}"):
-        if (cand / STATE_FILE).is_file() and (cand / ADAPTER_FILE).is_file():
-            return cand
-    return None
-
-
-def refuse_overwriting_checkpoints(out_dir: str | Path) -> None:
-    """UsageError when `out_dir` holds a checkpoint and the run was not asked to resume: a fresh
-    run would overwrite it step by step."""
-    found = [n for n in (CHECKPOINT_LAST, CHECKPOINT_BEST) if find_checkpoint(out_dir, n) is not None]
-    if found:
-        from .errors import UsageError
-
-        step = read_checkpoint_state(find_checkpoint(out_dir, found[0])).get("step")
-        raise UsageError(f"out_dir {out_dir}: holds {' and '.join(found)} (step {step}) of a previous run; "
-                         "resume it (--resume, TrainConfig.resume=True) or choose another output folder")
-
-
-def read_checkpoint_state(path: str | Path) -> dict[str, Any]:
-    return json.loads((Path(path) / STATE_FILE).read_text())
-
-
-def load_adapter_checkpoint(model: nn.Module, path: str | Path) -> dict[str, Any]:
-    """Load the adapter weights of a checkpoint dir into `model`; returns its trainer state."""
-    model.load_adapter_state_dict(read_checkpoint_file(Path(path) / ADAPTER_FILE, lambda p: load_file(str(p))))
-    return read_checkpoint_file(Path(path) / STATE_FILE, lambda p: json.loads(p.read_text()))
-
-
-def _torch_load(path: Path) -> Any:
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def read_checkpoint_file(path: Path, reader: Callable[[Path], Any]) -> Any:
-    """reader(path), with a damaged file (truncated, garbage, not our format) reported as a
-    HyloradaError that names it instead of the reader's own error ("Unsupported operand 148")."""
-    import pickle
-
-    from safetensors import SafetensorError
-
-    try:
-        return reader(path)
-    except (SafetensorError, pickle.UnpicklingError, RuntimeError, EOFError, ValueError, KeyError, OSError) as e:
-        raise HyloradaError(f"checkpoint file {path} is damaged or not a checkpoint ({type(e).__name__}: "
-                            f"{' '.join(str(e).split())[:200]}); move {path.parent} away to restart from "
-                            "an older checkpoint or from step 0") from e
+    def restore(self, state: dict[str, Any]) -> None:
+        """Per-step lists, token counters and best validation from a trainer_state.json."""
+        for k in self.HISTORY:
+            setattr(self, k, list(state.get("history", {}).get(k, [])))
+        self.tokens_seen, self.target_tokens_seen = int(state.get("tokens_seen", 0)), int(state.get("target_tokens_seen", 0))
+        self.best_valid_loss, self.best_step = state.get("best_valid_loss"), state.get("best_step")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -521,26 +243,343 @@ def _resolve_precision(mode: str, device: torch.device) -> bool:
     return device.type == "cuda" and torch.cuda.is_bf16_supported()
 
 
+def _resolve_compile(mode: str, backend: str, device: torch.device) -> bool:
+    """compile 'yes', or 'auto' on CUDA (eager stays the CPU reference); the backend is checked
+    here, before any step, rather than at the first forward."""
+    on = mode == "yes" or (mode == "auto" and device.type == "cuda")
+    if on and backend not in torch.compiler.list_backends(exclude_tags=()):
+        raise UsageError(f"TrainConfig.compile_backend={backend!r} is invalid: allowed one of "
+                         f"{torch.compiler.list_backends(exclude_tags=())}")
+    return on
+
+
 def _probe_unused(model: nn.Module, blocks: dict[str, torch.Tensor], device: torch.device,
                   trainable: list[nn.Parameter]) -> bool:
     """One forward/backward on one block (RNG untouched): do some trainable params get no grad?"""
     devices = [torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
-        out = _logits(model(input_ids=blocks["input_ids"][:1].to(device),
-                            attention_mask=blocks["attention_mask"][:1].to(device), use_cache=False))
+        out = logits_of(model(input_ids=blocks["input_ids"][:1].to(device),
+                              attention_mask=blocks["attention_mask"][:1].to(device), use_cache=False))
         out.float().sum().backward()
     unused = any(p.grad is None for p in trainable)
-    for p in trainable:
-        p.grad = None
+    clear_grads(trainable)
     return unused
 
 
-def _make_accelerator(config: TrainConfig, unused: bool | None):
-    from accelerate import Accelerator
+def _accelerator(accelerator, config: TrainConfig, model: nn.Module, blocks: dict[str, torch.Tensor],
+                 trainable: list[nn.Parameter]):
+    """`accelerator`, or a new one in fp32 (autocast is the trainer's). DDP's find_unused_parameters
+    is the config's, or probed when None on a distributed run; an accelerator's own is kept."""
+    from accelerate import Accelerator, PartialState
     from accelerate.utils import DistributedDataParallelKwargs
 
+    state = accelerator if accelerator is not None else PartialState(cpu=not torch.cuda.is_available())
+    needs_handler = state.num_processes > 1 and getattr(accelerator, "ddp_handler", None) is None
+    unused = config.find_unused_parameters
+    if unused is None and needs_handler:
+        unused = _probe_unused(model, blocks, state.device, trainable)
     handler = DistributedDataParallelKwargs(find_unused_parameters=bool(unused))
-    return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", kwargs_handlers=[handler])
+    if accelerator is None:
+        return Accelerator(cpu=not torch.cuda.is_available(), mixed_precision="no", kwargs_handlers=[handler])
+    if needs_handler:
+        accelerator.ddp_handler = handler
+    if accelerator.gradient_accumulation_steps != 1:
+        raise ValueError("set grad_accum in TrainConfig, not gradient_accumulation_steps in the Accelerator")
+    if accelerator.mixed_precision == "fp16":
+        raise ValueError("fp16 is not supported (use mixed_precision='bf16' in TrainConfig)")
+    return accelerator
+
+
+class Trainer:
+    """One training run (module doc). __init__ sets it up: accelerator and precision, the model on
+    its device, optimizer, resume, the (compiled) training forward; fit() runs the steps."""
+
+    def __init__(self, model: nn.Module, train_blocks: dict[str, torch.Tensor],
+                 valid_blocks: dict[str, torch.Tensor] | None, config: TrainConfig, accelerator=None,
+                 callback: Callable[[int, dict[str, Any]], None] | None = None,
+                 teacher: nn.Module | None = None):
+        if config.loss != "lm" and teacher is None:
+            raise UsageError(f"TrainConfig.loss={config.loss!r} needs a teacher model: train(..., teacher=dense)")
+        self.t_start = time.perf_counter()
+        self.model, self.config, self.callback = model, config, callback
+        self.teacher = teacher if config.loss != "lm" else None
+        self.trainable = freeze_base(model)
+        for key in ("input_ids", "attention_mask", "labels"):
+            if key not in train_blocks:
+                raise ValueError(f"train_blocks lacks '{key}' (expected hylorada.data.pack_blocks output)")
+        self.train_blocks, self.valid_blocks = train_blocks, valid_blocks
+        self.n_train = int(train_blocks["input_ids"].shape[0])
+        self.out_dir = Path(config.out_dir) if config.out_dir else None
+        self._setup_accelerator(accelerator)
+        self._setup_model()
+        self._setup_optimizer()
+        self._resume()
+        self._setup_forward()
+
+    # ---- setup ---------------------------------------------------------------------------------
+    def _setup_accelerator(self, accelerator) -> None:
+        c = self.config
+        self.owns_accelerator = accelerator is None
+        accelerator = _accelerator(accelerator, c, self.model, self.train_blocks, self.trainable)
+        self.accelerator, self.device = accelerator, accelerator.device
+        self.world, self.rank, self.is_main = (accelerator.num_processes, accelerator.process_index,
+                                               accelerator.is_main_process)
+        if c.batch_size < self.world:
+            raise UsageError(f"TrainConfig.batch_size={c.batch_size} is the GLOBAL micro-batch: it must be "
+                             f">= the number of processes ({self.world})")
+        self.use_bf16 = _resolve_precision(c.mixed_precision, self.device)
+        self.compiled = _resolve_compile(c.compile, c.compile_backend, self.device)
+
+    def _setup_model(self) -> None:
+        self.model.to(self.device)
+        if self.teacher is not None:
+            self.teacher.to(self.device).eval().requires_grad_(False)
+        clear_grads(self.trainable)  # a stray backward before train() must not leak into step 1
+
+    def _setup_optimizer(self) -> None:
+        """AdamW, data order, result, seeds; the schedule comes with the resume (_resume)."""
+        self.optimizer = build_optimizer(self.model, self.config)
+        self.sampler = BlockSampler(self.n_train, self.config.seed, self.config.shuffle)
+        self.result = TrainResult(world_size=self.world, mixed_precision="bf16" if self.use_bf16 else "no",
+                                  compiled=self.compiled, out_dir=str(self.out_dir) if self.out_dir else None)
+        seed_everything(self.config.seed + self.rank)
+
+    def _resume(self) -> None:
+        """Continue from out_dir/checkpoint-last (config.resume), or refuse to overwrite one."""
+        c, self.step = self.config, 0
+        if self.out_dir is not None and not c.resume:
+            refuse_overwriting_checkpoints(self.out_dir)
+        ckpt = find_checkpoint(self.out_dir) if (c.resume and self.out_dir) else None
+        if c.resume and ckpt is None:
+            logger.info("resume=True but no checkpoint in %s: starting from step 0", self.out_dir)
+        if ckpt is not None:
+            self._load(ckpt)
+        # after the optimizer state: the schedule restarts from its groups' initial_lr at `step`
+        self.scheduler = build_scheduler(self.optimizer, c, self.step)
+        self.result.start_step = self.step
+        self.tokens_at_start = self.result.tokens_seen
+        self.last_good = str(ckpt) if ckpt is not None else None
+
+    def _load(self, ckpt: Path) -> None:
+        st = load_adapter_checkpoint(self.model, ckpt)
+        rngs = load_training_state(ckpt, self.optimizer)
+        if len(rngs) == self.world:
+            set_rng_state(rngs[self.rank])
+        else:
+            logger.warning("checkpoint has RNG states of %d processes, running %d: reseeding", len(rngs), self.world)
+            seed_everything(self.config.seed + self.rank + st["step"])
+        old = st.get("config", {})
+        for key in ("batch_size", "grad_accum", "seed", "lr", "schedule", "steps", "warmup_steps"):
+            if key in old and old[key] != getattr(self.config, key):
+                logger.warning("resuming with %s=%r, the checkpoint was written with %r", key,
+                               getattr(self.config, key), old[key])
+        if st.get("n_train_blocks") not in (None, self.n_train):
+            logger.warning("resuming on %d training blocks, the checkpoint saw %d", self.n_train, st["n_train_blocks"])
+        self.step = int(st["step"])
+        self.sampler.epoch, self.sampler.index = int(st["epoch"]), int(st["index"])
+        self.result.restore(st)
+        if self.is_main:
+            logger.info("resumed from %s at step %d (epoch %d, index %d)", ckpt, self.step,
+                        self.sampler.epoch, self.sampler.index)
+
+    def _setup_forward(self) -> None:
+        self.ddp_model = self.accelerator.prepare_model(self.model)
+        if self.world > 1 and self.is_main:
+            logger.info("DDP over %d processes (%s), find_unused_parameters=%s", self.world,
+                        self.accelerator.distributed_type,
+                        getattr(self.accelerator.ddp_handler, "find_unused_parameters", False))
+        self.forward = self.ddp_model
+        if self.compiled:
+            # One graph serves every step: each micro-batch has exactly batch_size blocks of one
+            # length (the sampler runs on into the next epoch, never a short last batch), so a
+            # process's shapes never change; dynamic=False keeps them static. Only the training forward is
+            # compiled: evaluation (no_grad, eval mode) would be a second graph for little gain.
+            self.forward = compile_forward(self.ddp_model, self.config.compile_scope,
+                                           backend=self.config.compile_backend, dynamic=False)
+            if self.is_main:
+                logger.info("torch.compile on (backend %s, scope %s)", self.config.compile_backend,
+                            self.config.compile_scope)
+
+    # ---- one step ------------------------------------------------------------------------------
+    def _autocast(self):
+        return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
+
+    def _shard(self, idx: torch.Tensor, blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """This process's part of the micro-batch `idx` (tensor_split: uneven splits allowed)."""
+        mine = torch.tensor_split(idx, self.world)[self.rank]
+        return {k: blocks[k][mine].to(self.device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
+
+    def _logits(self, module: nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:
+        with self._autocast():
+            return logits_of(module(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"], use_cache=False))
+
+    def _forward_backward(self, idx: torch.Tensor) -> tuple[float, int]:
+        """(loss of the global batch `idx`, its number of targets); its gradient is left in .grad."""
+        c, blocks = self.config, self.train_blocks
+        n_targets = count_targets(blocks["labels"][idx], blocks["attention_mask"][idx])
+        scale = self.world / max(n_targets, 1)  # DDP averages over processes: undo, then / global targets
+        local_sum = torch.zeros((), dtype=torch.float64, device=self.device)
+        for j in range(c.grad_accum):
+            mb = self._shard(idx[j * c.batch_size:(j + 1) * c.batch_size], blocks)
+            # gradients are all-reduced once per step, on the last micro-batch
+            last = j == c.grad_accum - 1
+            with contextlib.nullcontext() if last else self.accelerator.no_sync(self.ddp_model):
+                s = step_loss_sum(self._logits(self.forward, mb), mb, c.loss, c.kd_temperature, self.teacher,
+                                  self._autocast)
+                self.accelerator.backward(s * scale)
+            local_sum += s.detach().double()
+        total = self.accelerator.reduce(local_sum, reduction="sum") if self.world > 1 else local_sum
+        return float(total) / max(n_targets, 1), n_targets
+
+    def _clip(self, loss: float) -> float:
+        """The gradient norm before clipping; NonFiniteLossError (before any update) on NaN/inf."""
+        if not math.isfinite(loss):
+            raise NonFiniteLossError(self.step + 1, loss, "loss", self.last_good)
+        clip = self.config.max_grad_norm or float("inf")  # None or 0: no clipping, norm still measured
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, clip))
+        if not math.isfinite(grad_norm):
+            raise NonFiniteLossError(self.step + 1, grad_norm, "gradient norm", self.last_good)
+        return grad_norm
+
+    def _record(self, idx: torch.Tensor, loss: float, n_targets: int, lr: float, grad_norm: float,
+                dt: float) -> dict[str, Any]:
+        """Append the step to the result; its metrics (what the log line and the callback get)."""
+        r, n_tokens = self.result, int(self.train_blocks["attention_mask"][idx].sum())
+        tps = n_tokens / dt if dt > 0 else 0.0
+        r.train_time_s += dt
+        r.losses.append(loss)
+        r.lrs.append(lr)
+        r.grad_norms.append(grad_norm)
+        r.tokens_per_s.append(tps)
+        r.tokens_seen += n_tokens
+        r.target_tokens_seen += n_targets
+        return {"step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm, "tokens_per_s": tps,
+                "tokens_seen": r.tokens_seen}
+
+    # ---- reporting, evaluation, checkpoints ----------------------------------------------------
+    def _due(self, every: int) -> bool:
+        return bool(every) and (self.step % every == 0 or self.step == self.config.steps)
+
+    def _log_line(self, record: dict[str, Any]) -> None:
+        if self.is_main and self.out_dir is not None:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.out_dir / LOG_FILE, "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+
+    def _report(self, m: dict[str, Any], bar) -> None:
+        if bar is not None:
+            bar.update(1)
+            bar.set_postfix(loss=f"{m['loss']:.4f}", lr=f"{m['lr']:.2e}", tok_s=f"{m['tokens_per_s']:.0f}")
+        if self._due(self.config.log_every):
+            self._log_line(m)
+            if self.is_main and bar is None:
+                logger.info("step %d/%d loss %.4f lr %.3e grad %.3f %.0f tok/s", self.step, self.config.steps,
+                            m["loss"], m["lr"], m["grad_norm"], m["tokens_per_s"])
+
+    @torch.no_grad()
+    def evaluate(self) -> float:
+        """Mean LM loss per target token over the valid blocks (eager, eval mode, all processes)."""
+        c = self.config
+        self.model.eval()
+        n_valid = int(self.valid_blocks["input_ids"].shape[0])
+        n_batches = math.ceil(n_valid / c.batch_size)
+        if c.eval_batches is not None:
+            n_batches = min(n_batches, c.eval_batches)
+        total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        for b in range(n_batches):
+            mb = self._shard(torch.arange(b * c.batch_size, min(n_valid, (b + 1) * c.batch_size)), self.valid_blocks)
+            if mb["input_ids"].shape[0] == 0:
+                continue
+            s, n = causal_lm_loss_sum(self._logits(self.model, mb), mb["labels"], mb["attention_mask"])
+            total += torch.stack([s.double(), torch.tensor(float(n), dtype=torch.float64, device=self.device)])
+        if self.world > 1:
+            total = self.accelerator.reduce(total, reduction="sum")
+        self.model.train()
+        return float(total[0] / total[1].clamp_min(1))
+
+    def _validate(self, metrics: dict[str, Any], bar) -> None:
+        vloss = self.evaluate()
+        metrics["valid_loss"] = vloss
+        r = self.result
+        r.valid_losses.append({"step": self.step, "loss": vloss})
+        self._log_line({"step": self.step, "valid_loss": vloss})
+        if self.is_main:
+            msg = f"step {self.step}: valid loss {vloss:.4f} (ppl {math.exp(min(vloss, 50)):.2f})"
+            (bar.write if bar is not None else logger.info)(msg)
+        if r.best_valid_loss is None or vloss < r.best_valid_loss:
+            r.best_valid_loss, r.best_step = vloss, self.step
+            if self.out_dir is not None:
+                self._save(CHECKPOINT_BEST)
+
+    def _trainer_state(self) -> dict[str, Any]:
+        r = self.result
+        return {"step": self.step, "epoch": self.sampler.epoch, "index": self.sampler.index,
+                "world_size": self.world, "n_train_blocks": self.n_train, "compiled": self.compiled,
+                "tokens_seen": r.tokens_seen, "target_tokens_seen": r.target_tokens_seen,
+                "best_valid_loss": r.best_valid_loss, "best_step": r.best_step, "config": self.config.to_dict(),
+                "history": r.history()}
+
+    def _save(self, name: str) -> str | None:
+        """Checkpoint `name` (all processes call it: the RNG states of every process go in)."""
+        states = [rng_state()]
+        if self.world > 1:
+            from accelerate.utils import gather_object
+
+            states = gather_object(states)
+        if self.out_dir is None:
+            return None
+        if self.is_main:
+            write_checkpoint(self.out_dir, name, model=self.model, optimizer=self.optimizer,
+                             scheduler=self.scheduler, rng_states=states, state=self._trainer_state())
+        self.accelerator.wait_for_everyone()
+        return str(self.out_dir / name)
+
+    # ---- the loop ------------------------------------------------------------------------------
+    def fit(self) -> TrainResult:
+        c, bar = self.config, None
+        if self.is_main and c.progress:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=c.steps, initial=self.step, desc="train", dynamic_ncols=True)
+        was_training = self.model.training
+        self.model.train()
+        try:
+            while self.step < c.steps:
+                t0 = time.perf_counter()
+                idx = self.sampler.take(c.global_batch)
+                loss, n_targets = self._forward_backward(idx)
+                lr = float(base_group(self.optimizer)["lr"])  # the rate this update uses
+                group_lrs = {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(self.optimizer.param_groups)}
+                grad_norm = self._clip(loss)  # raises before the update when loss or norm is NaN/inf
+                self.optimizer.step()
+                self.scheduler.step()
+                self.optimizer.zero_grad(set_to_none=True)
+                self.step += 1
+                metrics = self._record(idx, loss, n_targets, lr, grad_norm, time.perf_counter() - t0)
+                self._report(metrics, bar)
+                metrics["group_lrs"] = group_lrs  # for the callback, not the log line
+                if self.valid_blocks is not None and self._due(c.eval_every):
+                    self._validate(metrics, bar)
+                if self.out_dir is not None and (self._due(c.save_every) or self.step == c.steps):
+                    self.last_good = self._save(CHECKPOINT_LAST) or self.last_good
+                if self.callback is not None:
+                    self.callback(self.step, metrics)
+        finally:
+            clear_grads(self.trainable)  # after a NonFiniteLossError the NaN/inf grads must not stay
+            if bar is not None:
+                bar.close()
+            self.model.train(was_training)
+        return self._finish()
+
+    def _finish(self) -> TrainResult:
+        r = self.result
+        r.steps, r.wall_time_s = self.step, time.perf_counter() - self.t_start
+        run_tokens = r.tokens_seen - self.tokens_at_start
+        r.mean_tokens_per_s = run_tokens / r.train_time_s if r.train_time_s > 0 else 0.0
+        self.accelerator.wait_for_everyone()
+        if self.owns_accelerator and self.world > 1:
+            self.accelerator.end_training()
+        return r
 
 
 def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
@@ -558,252 +597,4 @@ def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
     `teacher`: the model distilled from when config.loss is "kd" or "kd+lm" (frozen, eval mode,
     moved to the training device).
     """
-    if config.loss != "lm" and teacher is None:
-        raise UsageError(f"TrainConfig.loss={config.loss!r} needs a teacher model: train(..., teacher=dense)")
-    t_start = time.perf_counter()
-    owns_accelerator = accelerator is None
-    core = model
-    trainable = freeze_base(core)
-    for key in ("input_ids", "attention_mask", "labels"):
-        if key not in train_blocks:
-            raise ValueError(f"train_blocks lacks '{key}' (expected hylorada.data.pack_blocks output)")
-    n_train = int(train_blocks["input_ids"].shape[0])
-
-    if accelerator is None:
-        from accelerate import PartialState
-
-        state0 = PartialState(cpu=not torch.cuda.is_available())
-        unused = config.find_unused_parameters
-        if unused is None and state0.num_processes > 1:
-            unused = _probe_unused(core, train_blocks, state0.device, trainable)
-        accelerator = _make_accelerator(config, unused)
-    elif accelerator.num_processes > 1 and accelerator.ddp_handler is None:
-        from accelerate.utils import DistributedDataParallelKwargs
-
-        unused = config.find_unused_parameters
-        if unused is None:
-            unused = _probe_unused(core, train_blocks, accelerator.device, trainable)
-        accelerator.ddp_handler = DistributedDataParallelKwargs(find_unused_parameters=bool(unused))
-    if accelerator.gradient_accumulation_steps != 1:
-        raise ValueError("set grad_accum in TrainConfig, not gradient_accumulation_steps in the Accelerator")
-    if accelerator.mixed_precision == "fp16":
-        raise ValueError("fp16 is not supported (use mixed_precision='bf16' in TrainConfig)")
-    world, rank, is_main = accelerator.num_processes, accelerator.process_index, accelerator.is_main_process
-    device = accelerator.device
-    if config.batch_size < world:
-        raise UsageError(f"TrainConfig.batch_size={config.batch_size} is the GLOBAL micro-batch: it must be "
-                         f">= the number of processes ({world})")
-    use_bf16 = _resolve_precision(config.mixed_precision, device)
-    out_dir = Path(config.out_dir) if config.out_dir else None
-
-    core.to(device)
-    if teacher is not None and config.loss != "lm":
-        teacher.to(device).eval().requires_grad_(False)
-    _clear_grads(trainable)  # a stray backward before train() must not leak into step 1
-    optimizer = build_optimizer(core, config)
-    scheduler = build_scheduler(optimizer, config)
-    sampler = BlockSampler(n_train, config.seed, config.shuffle)
-    result = TrainResult(world_size=world, mixed_precision="bf16" if use_bf16 else "no",
-                         out_dir=str(out_dir) if out_dir else None)
-    seed_everything(config.seed + rank)
-
-    # ---- resume --------------------------------------------------------------------------
-    step = 0
-    if out_dir is not None and not config.resume:
-        refuse_overwriting_checkpoints(out_dir)
-    ckpt = find_checkpoint(out_dir) if (config.resume and out_dir) else None
-    if config.resume and ckpt is None:
-        logger.info("resume=True but no checkpoint in %s: starting from step 0", out_dir)
-    if ckpt is not None:
-        st = load_adapter_checkpoint(core, ckpt)
-        optimizer.load_state_dict(read_checkpoint_file(ckpt / "optimizer.pt", _torch_load))
-        scheduler.load_state_dict(read_checkpoint_file(ckpt / "scheduler.pt", _torch_load))
-        rngs = read_checkpoint_file(ckpt / "rng.pt", lambda p: _torch_load(p)["ranks"])
-        if len(rngs) == world:
-            set_rng_state(rngs[rank])
-        else:
-            logger.warning("checkpoint has RNG states of %d processes, running %d: reseeding", len(rngs), world)
-            seed_everything(config.seed + rank + st["step"])
-        old = st.get("config", {})
-        for key in ("batch_size", "grad_accum", "seed", "lr", "schedule", "steps", "warmup_steps"):
-            if key in old and old[key] != getattr(config, key):
-                logger.warning("resuming with %s=%r, the checkpoint was written with %r", key,
-                               getattr(config, key), old[key])
-        if st.get("n_train_blocks") not in (None, n_train):
-            logger.warning("resuming on %d training blocks, the checkpoint saw %d", n_train, st["n_train_blocks"])
-        step = int(st["step"])
-        # the lr of the next update under THIS config's schedule (identical when unchanged; right
-        # when e.g. `steps` was raised to extend a finished run)
-        for g, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
-            g["lr"] = base_lr * lr_factor(step, config)
-        scheduler._last_lr = [g["lr"] for g in optimizer.param_groups]
-        sampler.epoch, sampler.index = int(st["epoch"]), int(st["index"])
-        h = st.get("history", {})
-        result.losses, result.lrs = list(h.get("losses", [])), list(h.get("lrs", []))
-        result.grad_norms, result.tokens_per_s = list(h.get("grad_norms", [])), list(h.get("tokens_per_s", []))
-        result.valid_losses = list(h.get("valid_losses", []))
-        result.tokens_seen, result.target_tokens_seen = int(st.get("tokens_seen", 0)), int(st.get("target_tokens_seen", 0))
-        result.best_valid_loss, result.best_step = st.get("best_valid_loss"), st.get("best_step")
-        if is_main:
-            logger.info("resumed from %s at step %d (epoch %d, index %d)", ckpt, step, sampler.epoch, sampler.index)
-    result.start_step = step
-    tokens_at_start = result.tokens_seen
-    last_good = str(ckpt) if ckpt is not None else None
-
-    ddp_model = accelerator.prepare_model(core)
-    if world > 1 and is_main:
-        handler = accelerator.ddp_handler
-        logger.info("DDP over %d processes (%s), find_unused_parameters=%s", world, accelerator.distributed_type,
-                    getattr(handler, "find_unused_parameters", False))
-    was_training = core.training
-    core.train()
-
-    def autocast():
-        return torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=use_bf16)
-
-    def shard(idx: torch.Tensor, blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        mine = torch.tensor_split(idx, world)[rank]
-        return {k: blocks[k][mine].to(device, non_blocking=True)
-                for k in ("input_ids", "attention_mask", "labels")}
-
-    def trainer_state() -> dict[str, Any]:
-        return {"step": step, "epoch": sampler.epoch, "index": sampler.index, "world_size": world,
-                "n_train_blocks": n_train, "tokens_seen": result.tokens_seen,
-                "target_tokens_seen": result.target_tokens_seen,
-                "best_valid_loss": result.best_valid_loss, "best_step": result.best_step,
-                "config": config.to_dict(),
-                "history": {"losses": result.losses, "lrs": result.lrs, "grad_norms": result.grad_norms,
-                            "tokens_per_s": result.tokens_per_s, "valid_losses": result.valid_losses}}
-
-    def save(name: str) -> str | None:
-        states = [rng_state()]
-        if world > 1:
-            from accelerate.utils import gather_object
-
-            states = gather_object(states)
-        if out_dir is None:
-            return None
-        if is_main:
-            write_checkpoint(out_dir, name, model=core, optimizer=optimizer, scheduler=scheduler,
-                             rng_states=states, state=trainer_state())
-        accelerator.wait_for_everyone()
-        return str(out_dir / name)
-
-    def log_line(record: dict[str, Any]) -> None:
-        if is_main and out_dir is not None:
-            out_dir.mkdir(parents=True, exist_ok=True)
-            with open(out_dir / LOG_FILE, "a") as fh:
-                fh.write(json.dumps(record) + "\n")
-
-    @torch.no_grad()
-    def evaluate() -> float:
-        core.eval()
-        n_valid = int(valid_blocks["input_ids"].shape[0])
-        n_batches = math.ceil(n_valid / config.batch_size)
-        if config.eval_batches is not None:
-            n_batches = min(n_batches, config.eval_batches)
-        total = torch.zeros(2, dtype=torch.float64, device=device)
-        for b in range(n_batches):
-            idx = torch.arange(b * config.batch_size, min(n_valid, (b + 1) * config.batch_size))
-            mb = shard(idx, valid_blocks)
-            if mb["input_ids"].shape[0] == 0:
-                continue
-            with autocast():
-                logits = _logits(core(input_ids=mb["input_ids"], attention_mask=mb["attention_mask"],
-                                      use_cache=False))
-            s, n = causal_lm_loss_sum(logits, mb["labels"], mb["attention_mask"])
-            total += torch.stack([s.double(), torch.tensor(float(n), dtype=torch.float64, device=device)])
-        if world > 1:
-            total = accelerator.reduce(total, reduction="sum")
-        core.train()
-        return float(total[0] / total[1].clamp_min(1))
-
-    bar = None
-    if is_main and config.progress:
-        from tqdm.auto import tqdm
-
-        bar = tqdm(total=config.steps, initial=step, desc="train", dynamic_ncols=True)
-    clip = config.max_grad_norm if config.max_grad_norm else float("inf")
-    try:
-        while step < config.steps:
-            t0 = time.perf_counter()
-            idx = sampler.take(config.global_batch)
-            n_targets = count_targets(train_blocks["labels"][idx], train_blocks["attention_mask"][idx])
-            n_tokens = int(train_blocks["attention_mask"][idx].sum())
-            scale = world / max(n_targets, 1)  # DDP averages over processes: undo, then / global targets
-            local_sum = torch.zeros((), dtype=torch.float64, device=device)
-            for j in range(config.grad_accum):
-                mb = shard(idx[j * config.batch_size:(j + 1) * config.batch_size], train_blocks)
-                sync = j == config.grad_accum - 1
-                ctx = contextlib.nullcontext() if sync else accelerator.no_sync(ddp_model)
-                with ctx:
-                    with autocast():
-                        logits = _logits(ddp_model(input_ids=mb["input_ids"],
-                                                   attention_mask=mb["attention_mask"], use_cache=False))
-                    s = step_loss_sum(config, logits, mb, teacher, autocast)
-                    accelerator.backward(s * scale)
-                local_sum += s.detach().double()
-            total = accelerator.reduce(local_sum, reduction="sum") if world > 1 else local_sum
-            loss = float(total) / max(n_targets, 1)
-            lr = float(_base_group(optimizer)["lr"])  # the rates this update uses
-            group_lrs = {g.get("name", str(i)): float(g["lr"]) for i, g in enumerate(optimizer.param_groups)}
-            if not math.isfinite(loss):
-                raise NonFiniteLossError(step + 1, loss, "loss", last_good)
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(trainable, clip))
-            if not math.isfinite(grad_norm):
-                raise NonFiniteLossError(step + 1, grad_norm, "gradient norm", last_good)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            step += 1
-            dt = time.perf_counter() - t0
-            result.train_time_s += dt
-            tps = n_tokens / dt if dt > 0 else 0.0
-            result.losses.append(loss)
-            result.lrs.append(lr)
-            result.grad_norms.append(grad_norm)
-            result.tokens_per_s.append(tps)
-            result.tokens_seen += n_tokens
-            result.target_tokens_seen += n_targets
-            metrics: dict[str, Any] = {"step": step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
-                                       "tokens_per_s": tps, "tokens_seen": result.tokens_seen,
-                                       "group_lrs": group_lrs}
-            if bar is not None:
-                bar.update(1)
-                bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tps:.0f}")
-            if config.log_every and (step % config.log_every == 0 or step == config.steps):
-                log_line({k: v for k, v in metrics.items() if k != "group_lrs"})
-                if is_main and bar is None:
-                    logger.info("step %d/%d loss %.4f lr %.3e grad %.3f %.0f tok/s", step, config.steps,
-                                loss, lr, grad_norm, tps)
-            if valid_blocks is not None and config.eval_every and (
-                    step % config.eval_every == 0 or step == config.steps):
-                vloss = evaluate()
-                metrics["valid_loss"] = vloss
-                result.valid_losses.append({"step": step, "loss": vloss})
-                log_line({"step": step, "valid_loss": vloss})
-                if is_main:
-                    msg = f"step {step}: valid loss {vloss:.4f} (ppl {math.exp(min(vloss, 50)):.2f})"
-                    (bar.write if bar is not None else logger.info)(msg)
-                if result.best_valid_loss is None or vloss < result.best_valid_loss:
-                    result.best_valid_loss, result.best_step = vloss, step
-                    if out_dir is not None:
-                        save(CHECKPOINT_BEST)
-            if out_dir is not None and ((config.save_every and step % config.save_every == 0)
-                                        or step == config.steps):
-                last_good = save(CHECKPOINT_LAST) or last_good
-            if callback is not None:
-                callback(step, metrics)
-    finally:
-        _clear_grads(trainable)  # after a NonFiniteLossError the NaN/inf grads must not stay
-        if bar is not None:
-            bar.close()
-        core.train(was_training)
-    result.steps = step
-    result.wall_time_s = time.perf_counter() - t_start
-    run_tokens = result.tokens_seen - tokens_at_start
-    result.mean_tokens_per_s = run_tokens / result.train_time_s if result.train_time_s > 0 else 0.0
-    accelerator.wait_for_everyone()
-    if owns_accelerator and world > 1:
-        accelerator.end_training()
-    return result
+    return Trainer(model, train_blocks, valid_blocks, config, accelerator, callback, teacher).fit()

@@ -712,3 +712,33 @@ def test_recovery_skips_factors_of_rank_below_the_adapter_rank():
     assert summary["skipped_small_factors"] == ["model.layers.0.self_attn.q_proj.up",
                                                 "model.layers.0.self_attn.q_proj.down"]
     assert [p["phase"] for p in summary["phases"]] == ["up", "down"]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("factory", [tiny_llama, tiny_qwen2], ids=["no-bias", "bias"])
+def test_factorized_forward_is_two_gemms_on_the_stored_factors_without_copies(factory, dtype):
+    """Decode-shaped call (one token): y = (x Vᵀ) Uᵀ + b is exactly two matrix products, of
+    shapes [1, d_in]·[d_in, k] and [1, k]·[k, d_out], on the stored factors (contiguous, ranks a
+    multiple of rank_multiple), with no copy or dtype cast per call (aten ops seen by the profiler)."""
+    model = factory()
+    compress_model(model, CompressConfig(method="svd", ratio=0.4, rank_multiple=8))
+    model.to(dtype)
+    layers = [m for m in model.modules() if isinstance(m, FactorizedLinear)]
+    assert layers and all(f.rank % 8 == 0 for f in layers)
+    assert all(f.up.weight.is_contiguous() and f.down.weight.is_contiguous() for f in layers)
+    f = layers[0]
+    x = torch.randn(1, 1, f.in_features, dtype=dtype)
+    with torch.no_grad(), torch.profiler.profile(record_shapes=True) as prof:
+        y = f(x)
+    events = [e for e in prof.events() if e.name.startswith("aten::")]
+    gemms = [[list(s) for s in e.input_shapes[e.name == "aten::addmm":][:2]]  # addmm: bias first
+             for e in events if e.name in ("aten::mm", "aten::addmm")]
+    assert gemms == [[[1, f.in_features], [f.in_features, f.rank]], [[1, f.rank], [f.rank, f.out_features]]]
+    copies = [e for e in events if e.name in ("aten::copy_", "aten::_to_copy", "aten::clone")]
+    # addmm writes the bias into its output before the product (as any nn.Linear with a bias)
+    assert not [e.name for e in copies if getattr(e.cpu_parent, "name", None) != "aten::addmm"]
+    with torch.no_grad():
+        expected = (x.reshape(1, -1) @ f.down.weight.t()) @ f.up.weight.t()
+        expected = expected if f.bias is None else expected + f.bias
+    torch.testing.assert_close(y.reshape(1, -1), expected, rtol=2e-2 if dtype == torch.bfloat16 else 1e-6,
+                               atol=1e-2 if dtype == torch.bfloat16 else 1e-6)

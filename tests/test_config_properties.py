@@ -168,6 +168,8 @@ def check_train(values):
     assert cfg.find_unused_parameters in (None, True, False)
     assert cfg.out_dir is None or (isinstance(cfg.out_dir, str) and cfg.out_dir != "")
     assert not cfg.resume or cfg.out_dir
+    assert cfg.compile in ("auto", "yes", "no")
+    assert isinstance(cfg.compile_backend, str) and cfg.compile_backend
 
 
 EDGE_LIST = [None, True, False, 0, 1, -1, 2, 0.0, 0.5, 1.0, -0.5, 1.5, 10**30, math.nan, math.inf, -math.inf,

@@ -5,7 +5,7 @@
     2  assets, data, evaluate
     3  adapters, compress       (compress: math + save/load; recovery is a recipe)
     4  loading, model
-    5  train
+    5  train, checkpoint, optim
     6  recipes (benchmark/ inside)
     7  commands, cli
 
@@ -25,7 +25,7 @@ LAYERS = [
     {"assets", "data", "evaluate"},
     {"adapters", "compress"},
     {"loading", "model"},
-    {"train"},
+    {"train", "checkpoint", "optim"},
     {"recipes"},
     {"commands", "cli"},
 ]

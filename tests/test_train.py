@@ -13,11 +13,12 @@ import torch
 from safetensors.torch import load_file
 
 from conftest import VOCAB, tiny_llama
+from hylorada.checkpoint import CHECKPOINT_BEST, CHECKPOINT_LAST, find_checkpoint, load_adapter_checkpoint
 from hylorada.config import HyLoRADAConfig
+from hylorada.losses import causal_lm_loss_sum, token_losses
 from hylorada.model import HyLoRADAModel
-from hylorada.train import (CHECKPOINT_BEST, CHECKPOINT_LAST, NonFiniteLossError, TrainConfig,
-                            build_optimizer, build_scheduler, causal_lm_loss_sum, find_checkpoint,
-                            load_adapter_checkpoint, lr_factor, token_losses, train)
+from hylorada.optim import build_optimizer, build_scheduler, lr_factor
+from hylorada.train import NonFiniteLossError, TrainConfig, train
 
 HERE = Path(__file__).resolve().parent
 
@@ -324,6 +325,86 @@ def test_in_process_resume_after_non_finite_loss(tmp_path):
     assert max_diff(adapter(model), adapter(ref)) <= 1e-6
 
 
+# ---- torch.compile -----------------------------------------------------------------------------
+@pytest.mark.parametrize("method,scope", [("lora", "model"), ("hylorada", "model"), ("lora", "blocks"),
+                                          ("hylorada", "blocks")])
+def test_compiled_training_matches_eager_and_never_recompiles(method, scope):
+    """compile="yes" (aot_eager on the CPU): the eager losses and adapter, the graphs made at
+    step 1 and reused by every later micro-batch (dynamo raises on a recompile); with scope
+    "blocks" one graph serves every decoder layer."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    blocks = make_blocks()
+    c = dict(steps=3, batch_size=4, grad_accum=2, max_grad_norm=0.5)
+    eager_model = make_model(method, dropout=0.1)
+    eager = train(eager_model, blocks, None, cfg(compile="no", **c))
+    torch._dynamo.reset()
+    counters.clear()
+    seen = {}
+
+    def graphs(step, metrics):
+        seen[step] = (counters["frames"]["total"], counters["stats"]["unique_graphs"])
+
+    model = make_model(method, dropout=0.1)
+    # scope "model": one graph, and dynamo raises on any recompile. Scope "blocks": layer 0 gets
+    # an input without grad (the frozen embedding), the later layers one with grad, and
+    # transformers passes no mask to the layers when a micro-batch has no padding: at most four
+    # graphs for any depth, all made at step 1 here (these blocks pad), none after.
+    with torch._dynamo.config.patch(error_on_recompile=scope == "model"):
+        res = train(model, blocks, None, cfg(compile="yes", compile_backend="aot_eager", compile_scope=scope, **c),
+                    callback=graphs)
+    assert res.compiled and not eager.compiled
+    assert seen[1] == seen[3] and seen[1][1] >= 1  # compiled at step 1, nothing new after
+    if scope == "blocks":
+        assert seen[1][1] <= 4
+    assert res.losses == pytest.approx(eager.losses, abs=1e-5)
+    assert res.grad_norms == pytest.approx(eager.grad_norms, abs=1e-5)
+    assert max_diff(adapter(model), adapter(eager_model)) < 1e-5
+
+
+def test_resume_eager_checkpoint_with_compile_on(tmp_path):
+    """The compile setting may change on resume: the eager run's losses, the new setting recorded."""
+    blocks = make_blocks()
+    c = dict(steps=4, save_every=2, compile_backend="aot_eager")
+    full = train(make_model("lora"), blocks, None, cfg(compile="no", out_dir=str(tmp_path / "a"), **c))
+
+    def kill_at_3(step, metrics):
+        if step == 3:
+            raise Interrupt
+
+    with pytest.raises(Interrupt):
+        train(make_model("lora"), blocks, None, cfg(compile="no", out_dir=str(tmp_path / "b"), **c), callback=kill_at_3)
+    resumed = train(make_model("lora"), blocks, None, cfg(compile="yes", resume=True, out_dir=str(tmp_path / "b"), **c))
+    assert resumed.compiled and resumed.start_step == 2
+    assert resumed.losses == pytest.approx(full.losses, abs=1e-5)
+    state = json.loads((tmp_path / "b" / CHECKPOINT_LAST / "trainer_state.json").read_text())
+    assert state["compiled"] is True and state["config"]["compile"] == "yes"
+
+
+def test_compile_auto_is_on_for_cuda_only_and_bad_settings_are_refused():
+    from hylorada.train import _resolve_compile
+    from hylorada.errors import UsageError
+
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert [_resolve_compile(m, "inductor", cpu) for m in ("auto", "yes", "no")] == [False, True, False]
+    assert [_resolve_compile(m, "inductor", cuda) for m in ("auto", "yes", "no")] == [True, True, False]
+    if not torch.cuda.is_available():  # the default config trains eagerly on the CPU
+        assert train(make_model(), make_blocks(), None, cfg(steps=1)).compiled is False
+    with pytest.raises(UsageError, match=r"TrainConfig.compile='on' is invalid: allowed one of \['auto', 'yes', 'no'\]"):
+        cfg(compile="on")
+    with pytest.raises(UsageError, match="TrainConfig.compile_backend='nope' is invalid"):
+        train(make_model(), make_blocks(), None, cfg(compile="yes", compile_backend="nope"))
+
+
+def test_every_train_config_field_has_help():
+    import dataclasses
+
+    for f in dataclasses.fields(TrainConfig):
+        text = f.metadata.get("help", "")
+        assert isinstance(text, str) and text.endswith(".") and len(text) > 20, f.name
+
+
 # ---- distributed --------------------------------------------------------------------------------
 @pytest.mark.dist
 def test_two_processes_match_one(tmp_path):
@@ -384,3 +465,18 @@ def test_cuda_bf16_autocast_and_resume(tmp_path):
     assert resumed.start_step == 2
     assert resumed.losses == pytest.approx(full.losses, abs=1e-6)
     assert max_diff(adapter(resumed_model), adapter(full_model)) < 1e-6
+
+
+def test_compile_forward_blocks_leaves_the_model_alone_and_shares_its_parameters():
+    """Scope "blocks": the returned module's decoder layers are compiled wrappers around the very
+    same layer objects (one set of parameters); the model's own layers stay plain modules."""
+    from hylorada.nn.compile import compile_forward
+
+    model = make_model("lora")
+    layers = model.base_model.layers
+    f = compile_forward(model, "blocks", backend="aot_eager")
+    new_layers = f.base_model.layers
+    assert all(type(a).__name__ == "OptimizedModule" for a in new_layers)
+    assert all(a._orig_mod is b for a, b in zip(new_layers, layers))
+    assert all(type(b).__name__ != "OptimizedModule" for b in layers)
+    assert {id(p) for p in f.parameters()} == {id(p) for p in model.parameters()}

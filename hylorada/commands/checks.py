@@ -250,7 +250,7 @@ def command_line(args: argparse.Namespace, add: str | None = None) -> str:
 
 def finetune_interrupted(args: argparse.Namespace, out: Path) -> Interrupted:
     """The Ctrl-C message of `finetune`: where the last checkpoint is and the --resume command."""
-    from ..train import find_checkpoint, read_checkpoint_state
+    from ..checkpoint import find_checkpoint, read_checkpoint_state
 
     ckpt = find_checkpoint(out)
     if ckpt is None:

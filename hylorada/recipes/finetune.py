@@ -35,7 +35,8 @@ from .. import data, evaluate
 from ..config import HyLoRADAConfig, option
 from ..errors import UsageError
 from ..model import HyLoRADAModel
-from ..train import NonFiniteLossError, TrainConfig, find_checkpoint, read_checkpoint_state, train
+from ..checkpoint import find_checkpoint, read_checkpoint_state
+from ..train import NonFiniteLossError, TrainConfig, train
 from ..utils import io
 from ..utils.env import versions
 

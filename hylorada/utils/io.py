@@ -204,7 +204,7 @@ def fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
-def _finish_tree(root: Path) -> None:
+def finish_tree(root: Path) -> None:
     """Usual umask modes (mkstemp and safetensors make owner-only files), fsync everything."""
     umask = os.umask(0)
     os.umask(umask)
@@ -227,10 +227,16 @@ def new_temp_sibling(path: Path) -> Path:
 def commit_dir(tmp: Path, path: Path, kind: str, *, files: Iterable[str] | None = None) -> None:
     """Stamp `tmp`, fsync it and rename it onto `path` (module doc, 2)."""
     write_stamp(tmp, kind, [e.name for e in tmp.iterdir()] if files is None else files)
-    _finish_tree(tmp)
+    finish_tree(tmp)
     _fault_pause("fill")
+    replace_dir(tmp, path, path.parent / f".{path.name}{OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}")
+
+
+def replace_dir(tmp: Path, path: Path, old: Path) -> None:
+    """Rename the finished folder `tmp` onto `path`. A non-empty `path` is first renamed to `old`
+    (which must not exist) and deleted after the swap: until the second rename the previous
+    content is intact under one of the two names. The parent folder is fsynced."""
     if path.is_dir() and any(path.iterdir()):
-        old = path.parent / f".{path.name}{OLD_TAG}{os.getpid()}-{secrets.token_hex(4)}"
         os.rename(path, old)
         _fault_pause("swap")
         os.rename(tmp, path)

@@ -1,0 +1,63 @@
+"""A compiled forward for training: the whole model, or each repeated block once ("regional").
+
+`compile_forward(model, scope)` returns a module to call in place of `model`; `model` itself is
+left uncompiled (evaluation, merging and saving see the plain modules and the same parameters).
+
+- scope "blocks" (regional compilation, as in PyTorch's regional-compilation recipe): every
+  module of a ModuleList whose children are all of one class (a decoder's layers) is wrapped in
+  torch.compile; the blocks share one compiled graph (their parameters are graph inputs), so
+  compile time is that of one block, not of the whole depth. Everything else (embeddings, final
+  norm, head, loss) runs eagerly. The returned module is a shallow copy down to those lists,
+  sharing every parameter and buffer with `model`. Used when the model has such a list and is
+  not wrapped for DDP. (accelerate's compile_regions also compiles the other children one by
+  one, which makes dynamo recompile one wrapper per module kind.)
+- scope "model": torch.compile(model), one graph for the whole forward.
+"""
+from __future__ import annotations
+
+from types import MethodType
+
+from torch import nn
+
+SCOPES = ("blocks", "model")
+
+
+def has_repeated_blocks(model: nn.Module) -> bool:
+    """True when some nn.ModuleList holds >= 2 modules, all of one class."""
+    return any(_is_repeated(m) for m in model.modules())
+
+
+def compile_forward(model: nn.Module, scope: str = "blocks", **compile_kwargs) -> nn.Module:
+    """The module to call for compiled forwards (see the module docstring); `compile_kwargs`
+    go to torch.compile (backend, dynamic, mode, ...). Falls back to scope "model" when the
+    model has no repeated blocks or is a DDP wrapper (its forward must run whole)."""
+    import torch
+
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
+    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
+    if scope == "blocks" and not is_ddp and has_repeated_blocks(model):
+        return _regional(model, compile_kwargs)
+    return torch.compile(model, **compile_kwargs)
+
+
+def _is_repeated(m: nn.Module) -> bool:
+    return isinstance(m, nn.ModuleList) and len(m) > 1 and len({type(c) for c in m}) == 1
+
+
+def _regional(module: nn.Module, kw: dict) -> nn.Module:
+    """A shallow copy of `module` whose repeated-block lists hold compiled blocks."""
+    import torch
+
+    if _is_repeated(module):
+        return nn.ModuleList(torch.compile(c, **kw) for c in module)
+    if not has_repeated_blocks(module):
+        return module
+    new = module.__class__.__new__(module.__class__)
+    new.__dict__.update(module.__dict__)  # shares _parameters, _buffers, hooks
+    for name, value in list(new.__dict__.items()):  # methods bound to the original instance
+        if getattr(value, "__self__", None) is module and hasattr(value, "__func__"):
+            new.__dict__[name] = MethodType(value.__func__, new)
+    new._modules = {name: _regional(child, kw) if child is not None else None
+                    for name, child in module._modules.items()}
+    return new
