@@ -10,7 +10,7 @@ import argparse
 
 from ..config import HyLoRADAConfig
 from ..recipes.finetune import ADAPTER_FIELDS, RUN_FIELDS, TRAIN_FIELDS, FinetuneSettings
-from ..train import MIXED_PRECISION, SCHEDULES, TrainConfig
+from ..train import TrainConfig
 from .data_args import add_data_args, spec_from_args
 from .flags import add_common_flags, add_config_flags, as_flags, command_parser, config_flags, config_values, parsed
 
@@ -20,10 +20,7 @@ DERIVED = {"warmup_steps": lambda s: s // 20, "eval_every": lambda s: max(1, s /
 DEFAULTS = {"method": "hylorada", "lora_plus_ratio": None, **dict.fromkeys(DERIVED)}
 HELPS = {
     "lora_plus_ratio": "enable LoRA+: lr of B = ratio x lr (default: off)",
-    "batch_size": "GLOBAL micro-batch in blocks (all processes together) (default: %(default)s)",
-    "grad_accum": "micro-batches per step; global batch = batch-size x grad-accum (default: %(default)s)",
     "warmup_steps": "default: 5%% of --steps", "max_grad_norm": "0 disables clipping",
-    "mixed_precision": "auto: bf16 autocast on CUDA, fp32 on CPU (default: %(default)s)",
     "eval_every": "valid loss every N steps (default: steps/10; 0: never)",
     "eval_batches": "valid micro-batches per in-training evaluation (default: all valid blocks)",
     "save_every": "checkpoint every N steps (default: steps/10; 0: only at the end)",
@@ -40,8 +37,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     add_common_flags(g, "dtype")
     add_config_flags(p.add_argument_group("adapter"), HyLoRADAConfig, ADAPTER_FIELDS, defaults=DEFAULTS, helps=HELPS)
     g = p.add_argument_group("training")
-    add_config_flags(g, TrainConfig, TRAIN_FIELDS, defaults=DEFAULTS, helps=HELPS,
-                     choices={"schedule": SCHEDULES, "mixed_precision": MIXED_PRECISION})
+    add_config_flags(g, TrainConfig, TRAIN_FIELDS, defaults=DEFAULTS, helps=HELPS)
     add_common_flags(g, "threads", "no_progress")
     g = p.add_argument_group("evaluation and output")
     add_config_flags(g, FinetuneSettings, RUN_FIELDS[2:-1])
