@@ -164,11 +164,11 @@ def command_parser(subparsers, name: str, summary: str, doc: str) -> argparse.Ar
 def add_common_flags(parser, *names: str, defaults: dict | None = None, helps: dict | None = None) -> None:
     """Add the COMMON flags `names` to `parser` (a parser or a group), in that order, with
     `defaults[name]` / `helps[name]` in place of the table's."""
+    defaults, helps = defaults or {}, helps or {}
     for name in names:
         flag, kw = COMMON[name]
-        kw = {**kw, **({"default": defaults[name]} if name in (defaults or {}) else {}),
-              **({"help": helps[name]} if name in (helps or {}) else {})}
-        parser.add_argument(flag, **kw)
+        kw = dict(kw, **({"default": defaults[name]} if name in defaults else {}))
+        parser.add_argument(flag, **dict(kw, help=helps.get(name, kw["help"])))
 
 
 def parsed(args: argparse.Namespace) -> dict:
