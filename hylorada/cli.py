@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     for name, module in COMMANDS.items():
         if importlib.util.find_spec(module) is None:  # pragma: no cover - during development only
             continue
-        apply_ranges(name, importlib.import_module(module).add_parser(sub))
+        apply_ranges(importlib.import_module(module).add_parser(sub))
     return parser
 
 

@@ -157,6 +157,9 @@ def test_range_messages_name_value_and_range(capsys):
     assert_one_line_error(code, err, 2, "--max-tokens", "0", ">= 2")
     code, err = run_main(["compress", "--ratio", "1"], capsys)
     assert_one_line_error(code, err, 2, "--ratio", "(0, 1)")
+    # tune's own range (finetune's 0 means never); a missing --data stops a parser that lets 0 through
+    code, err = run_main(["tune", "--data", "no-such-folder/none.txt", "--eval-every", "0"], capsys)
+    assert_one_line_error(code, err, 2, "--eval-every", "0 is out of range", "integer >= 1")
 
 
 def test_unknown_command_and_flag(capsys):

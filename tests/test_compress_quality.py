@@ -11,7 +11,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 from conftest import VOCAB, tiny_llama
 from hylorada.compress import factorize

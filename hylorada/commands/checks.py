@@ -1,7 +1,7 @@
 """The checks that run before any expensive work, shared by the sub-commands: devices, dtypes,
-positions, compression targets, data files, output paths; and the messages that repeat the
-command. Each raises `UsageError` (exit 2) or `HyloradaError` (exit 1) naming the flag, the
-value or file, and what is allowed. Known failures of the libraries we call (a binary file
+positions, compression targets, data files, output paths; the benchmark's config with its checks
+(`benchmark_config`); and the messages that repeat the command. Each raises `UsageError` (exit
+2) or `HyloradaError` (exit 1) naming the flag, the value or file, and what is allowed. Known failures of the libraries we call (a binary file
 given as text, a bad JSON line) are translated here, where we call them; anything else keeps its
 traceback (a bug). Model files: hylorada/commands/load.py.
 """
@@ -11,6 +11,7 @@ import argparse
 import json
 import os
 import shlex
+import sys
 import tempfile
 from pathlib import Path
 
@@ -75,22 +76,27 @@ def check_positions(model, lengths: dict[str, int | None]) -> None:
                              f"allowed 2..{mp}")
 
 
+def check_targets(model, targets: list[str] | None) -> dict:
+    """The layers --target names (hylorada.compress.targets.find_target_layers); none: UsageError."""
+    from ..compress.targets import find_target_layers
+
+    try:
+        return find_target_layers(model, targets)
+    except ValueError as e:
+        raise UsageError(f"--target {' '.join(targets or [])}: {e}") from None
+
+
 def check_compress_targets(model, config) -> None:
     """--target matches some layer and every --override key matches a target layer (an override
     naming no layer would silently do nothing)."""
-    from ..compress.api import find_target_layers
     from ..compress.ranks import match_key
 
-    try:
-        layers = find_target_layers(model, config.target_modules)
-    except ValueError as e:
-        raise UsageError(f"--target {' '.join(config.target_modules or [])}: {e}") from None
+    layers = check_targets(model, config.target_modules)
     pieces = sorted({p for n in layers for p in n.split(".") if not p.isdigit()} - {"model", "layers"})
     for key, value in config.overrides.items():
         if not any(match_key(n, key) for n in layers):
             raise UsageError(f"--override {key}={value}: {key!r} names none of the {len(layers)} target layers; "
                              f"allowed dotted name pieces such as {', '.join(pieces[:12])}")
-
 
 
 # ----------------------------------------------------------------------------- data
@@ -137,7 +143,6 @@ def load_docs(name, split: str, flag: str = "--data") -> list:
     return docs
 
 
-
 # ----------------------------------------------------------------------------- outputs
 def _nearest_existing(path: Path) -> Path:
     p = path.absolute()
@@ -167,6 +172,19 @@ def check_out_dir(value: str | os.PathLike | None, flag: str = "--out") -> None:
     _check_dir_writable(_nearest_existing(path), flag, str(value))
 
 
+def check_output(out: str | None, overwrite: bool, kind: str) -> None:
+    """--out before any work: writable; what a killed run left is restored or removed (a note on
+    stderr); nothing but a previous `kind` output of ours, with --overwrite, is there
+    (hylorada/utils/io.py). `out` None: nothing is written, nothing to check."""
+    from ..utils.io import check_output_dir, clean_stale
+
+    check_out_dir(out)
+    if out:
+        for line in clean_stale(out):  # first: restores an output a killed run was replacing
+            print(f"  note: {line}", file=sys.stderr)
+        check_output_dir(out, overwrite=overwrite, kind=kind)
+
+
 def check_out_file(value: str | os.PathLike | None, flag: str, command: str) -> None:
     """An output file path: not a folder, in a writable folder, and if it exists it is a JSON
     result of `command` (ours), never a user's file."""
@@ -185,6 +203,36 @@ def check_out_file(value: str | os.PathLike | None, flag: str, command: str) -> 
                              "choose another path (it is left untouched)")
     _check_dir_writable(_nearest_existing(path.parent), flag, str(value))
 
+
+# ----------------------------------------------------------------------------- per command
+def benchmark_config(args: argparse.Namespace):
+    """`hylorada benchmark`: the preset's BenchConfig with the flags; a GPU preset without a GPU
+    runs on cpu (with a note). Unless --list/--report-only, the data and the model's positions
+    are checked here, before any cell."""
+    import torch
+
+    from ..recipes.benchmark import PRESETS, make_config
+    from .flags import as_flags
+    from .load import load_for_run
+
+    device = args.device or PRESETS[args.preset].get("device", "cpu")
+    if args.device:
+        check_device(args.device)
+    check_out_dir(args.out)
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        print(f"note: preset {args.preset} is sized for a GPU but none is available; running on cpu "
+              "(this will be slow)", file=sys.stderr)
+        device = "cpu"
+    with as_flags({"seeds": "--seeds", "steps": "--steps", "target_rank": "--rank",
+                   "eval_max_tokens": "--eval-tokens"}):
+        cfg = make_config(args.preset, model=args.model, data=args.data, seeds=args.seeds, steps=args.steps,
+                          target_rank=args.target_rank, eval_max_tokens=args.eval_max_tokens, device=device,
+                          peft=False if args.no_peft else None, window_prefix=args.window_prefix)
+    if not args.list and not args.report_only:
+        load_docs(cfg.data, "train")
+        load_for_run(cfg.model, cfg.dtype, "cpu", {"seq_len (preset)": cfg.seq_len,
+                                                   "eval_seq_len (preset)": cfg.eval_seq_len})
+    return cfg
 
 
 # ----------------------------------------------------------------------------- messages

@@ -11,15 +11,16 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import add_common_flags, command_parser
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("export", help="export a saved adapter to peft, or merged into the model",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(subparsers, "export", "export a saved adapter to peft, or merged into the model", __doc__)
     p.add_argument("--adapter", required=True, help="an adapter folder saved by `hylorada finetune`")
     p.add_argument("--to", required=True, choices=["peft", "merged"], help="what to write")
     p.add_argument("out", help="the new output folder")
     p.add_argument("--model", default=None, help="the base model (default: the one the adapter records)")
-    p.add_argument("--dtype", default="float32", help="model weights dtype (default: %(default)s)")
+    add_common_flags(p, "dtype")
     p.set_defaults(func=run)
     return p
 

@@ -1,9 +1,13 @@
 """Command-line flags: the range of every int/float flag, and flags generated from config fields.
 
-- `RANGES`: the allowed range of every int/float flag, by argparse `dest` (per-command entries
-  in `COMMAND_RANGES` win); `apply_ranges` installs them as the flags' `type=` functions, so a
-  bad value is refused while parsing: "argument --seq-len: 1 is out of range: allowed an
-  integer >= 2". tests/test_cli_errors.py checks that every int/float flag has an entry.
+- `RANGES`: the allowed range of every int/float flag, by argparse `dest` (a flag that means
+  something else in one command passes its own `types=`, tune's --eval-every); `apply_ranges`
+  installs them as the flags' `type=` functions, so a bad value is refused while parsing:
+  "argument --seq-len: 1 is out of range: allowed an integer >= 2".
+  tests/test_cli_errors.py checks that every int/float flag has an entry.
+- `COMMON` / `add_common_flags`: the flags several commands share (--model, --dtype, --device,
+  --threads, --seed, --out, --overwrite, --no-progress), defined once; `command_parser`: a
+  command's sub-parser; `parsed(args)`: the flags a run records.
 - `add_config_flags(parser, Config, fields)`: one flag per dataclass field, from the field's
   type, default and metadata ("help", "choices", "flag"; hylorada/config.py `field_flag`), so a
   method list, a choice list or a help text exists once, in the config.
@@ -23,25 +27,31 @@ from ..errors import UsageError
 
 
 # ----------------------------------------------------------------------------- flag ranges
+def _range_type(name: str, convert, noun: str, allowed: str, ok, bad: list[str], shown):
+    """An argparse type: `convert(text)` (else "'x' is not NOUN"), then `ok(v)` (else "SHOWN is out
+    of range"), both "; allowed ALLOWED"; `.allowed` and `.bad` (values it refuses) for the tests."""
+    def parse(text: str):
+        try:
+            v = convert(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {noun}; allowed {allowed}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{shown(text, v)} is out of range; allowed {allowed}")
+        return v
+
+    parse.__name__, parse.allowed, parse.bad = name, allowed, bad
+    return parse
+
+
 def int_range(lo: int, hi: int | None = None, *, zero_means: str | None = None):
     """argparse type: an int in [lo, hi]; with `zero_means`, 0 is also allowed (e.g. "all")."""
     allowed = f"an integer >= {lo}" if hi is None else f"an integer in [{lo}, {hi}]"
     if zero_means:
         allowed = f"0 ({zero_means}) or {allowed}"
-
-    def parse(text: str) -> int:
-        try:
-            v = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not an integer; allowed {allowed}") from None
-        if not ((zero_means and v == 0) or (v >= lo and (hi is None or v <= hi))):
-            raise argparse.ArgumentTypeError(f"{v} is out of range; allowed {allowed}")
-        return v
-
-    parse.__name__ = "int"
-    parse.allowed = allowed
-    parse.bad = [str(lo - 1 if lo - 1 != 0 or not zero_means else -1)] + ([str(hi + 1)] if hi is not None else [])
-    return parse
+    bad = [str(lo - 1 if lo - 1 != 0 or not zero_means else -1)] + ([str(hi + 1)] if hi is not None else [])
+    return _range_type("int", int, "an integer", allowed,
+                       lambda v: (zero_means and v == 0) or (v >= lo and (hi is None or v <= hi)),
+                       bad, lambda text, v: v)
 
 
 def float_range(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_open: bool = False):
@@ -50,21 +60,11 @@ def float_range(lo: float, hi: float = math.inf, *, lo_open: bool = False, hi_op
         allowed = f"a finite number {'>' if lo_open else '>='} {lo:g}"
     else:
         allowed = f"a number in {'(' if lo_open else '['}{lo:g}, {hi:g}{')' if hi_open else ']'}"
+    bad = [f"{lo if lo_open else lo - 1:g}", "nan"] + ([f"{hi if hi_open else hi + 1:g}"] if hi != math.inf else [])
+    def ok(v: float) -> bool:
+        return math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
 
-    def parse(text: str) -> float:
-        try:
-            v = float(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a number; allowed {allowed}") from None
-        ok = math.isfinite(v) and (v > lo if lo_open else v >= lo) and (v < hi if hi_open else v <= hi)
-        if not ok:
-            raise argparse.ArgumentTypeError(f"{text} is out of range; allowed {allowed}")
-        return v
-
-    parse.__name__ = "float"
-    parse.allowed = allowed
-    parse.bad = [f"{lo if lo_open else lo - 1:g}", "nan"] + ([f"{hi if hi_open else hi + 1:g}"] if hi != math.inf else [])
-    return parse
+    return _range_type("float", float, "a number", allowed, ok, bad, lambda text, v: text)
 
 
 POS_INT = int_range(1)
@@ -95,19 +95,11 @@ RANGES = {
     "kd_temperature": POS_FLOAT,
     "max_new_tokens": POS_INT, "top_k": NONNEG_INT, "top_p": SHARE, "temperature": POS_FLOAT,
 }
-# (command, dest) -> type, where a flag means something else in one command
-# (command, dest) -> type, where a flag means something else in one command
-COMMAND_RANGES = {
-    ("tune", "eval_every"): POS_INT,
-}
-
-
-def apply_ranges(command: str, parser: argparse.ArgumentParser) -> None:
-    """Give every int/float option of `parser` its range type (see RANGES)."""
+def apply_ranges(parser: argparse.ArgumentParser) -> None:
+    """Give every plain int/float option of `parser` its range type (see RANGES)."""
     for action in parser._actions:
         if action.type in (int, float):
-            action.type = COMMAND_RANGES.get((command, action.dest), RANGES.get(action.dest, action.type))
-
+            action.type = RANGES.get(action.dest, action.type)
 
 
 def budget(text: str) -> float:
@@ -147,6 +139,43 @@ def override(text: str) -> tuple[str, object]:
                                              "'dense'") from None
 
 
+# ----------------------------------------------------------------------------- flags several commands share
+MODEL_HELP = "alias (smollm2-135m), transformers folder, .gguf file or hub id"
+COMMON = {  # name -> (flag, add_argument keywords); `add_common_flags` may change default and help
+    "model": ("--model", {"default": "smollm2-135m", "help": MODEL_HELP + " (default: %(default)s)"}),
+    "dtype": ("--dtype", {"default": "float32", "help": "model weights dtype (default: %(default)s)"}),
+    "device": ("--device", {"default": "cpu", "help": "torch device: cpu, cuda, cuda:N (default: %(default)s)"}),
+    "threads": ("--threads", {"type": int, "default": None, "help": "torch CPU threads"}),
+    "seed": ("--seed", {"type": int, "default": 0, "help": "random seed (default: %(default)s)"}),
+    "out": ("--out", {"default": None, "help": "output folder"}),
+    "overwrite": ("--overwrite", {"action": "store_true",
+                                  "help": "replace a previous output of this command at --out (atomically)"}),
+    "no_progress": ("--no-progress", {"action": "store_true", "help": "no progress bars"}),
+}
+
+
+def command_parser(subparsers, name: str, summary: str, doc: str) -> argparse.ArgumentParser:
+    """The sub-parser of command `name`: `summary` in `hylorada --help`, `doc` (the module's
+    docstring, as written) atop `hylorada NAME --help`."""
+    return subparsers.add_parser(name, help=summary, description=doc,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def add_common_flags(parser, *names: str, defaults: dict | None = None, helps: dict | None = None) -> None:
+    """Add the COMMON flags `names` to `parser` (a parser or a group), in that order, with
+    `defaults[name]` / `helps[name]` in place of the table's."""
+    defaults, helps = defaults or {}, helps or {}
+    for name in names:
+        flag, kw = COMMON[name]
+        kw = dict(kw, **({"default": defaults[name]} if name in defaults else {}))
+        parser.add_argument(flag, **dict(kw, help=helps.get(name, kw["help"])))
+
+
+def parsed(args: argparse.Namespace) -> dict:
+    """The parsed flags (what a run records), without the dispatch function."""
+    return {k: v for k, v in vars(args).items() if k != "func"}
+
+
 # ----------------------------------------------------------------------------- flags from config fields
 def _fields(cls, names) -> list[dataclasses.Field]:
     by_name = {f.name: f for f in dataclasses.fields(cls)}
@@ -167,8 +196,9 @@ def add_config_flags(parser, cls, names, *, flags: dict | None = None, defaults:
     """Add a flag for each field `names` of the dataclass `cls` to `parser` (a parser or a group).
 
     Flag: `flags[name]`, else hylorada.config.field_flag (metadata "flag" or --name-with-dashes).
-    A field without a default gives a required flag. Kind from the field's annotation: bool -> store_true, list -> nargs="+", int/float -> the
-    range type `types[name]` or RANGES[dest] (a missing range is an error here), str -> a string.
+    A field without a default gives a required flag. Kind from the field's annotation (the first
+    type of a union): bool -> store_true, list -> nargs="+", int/float -> the range type
+    `types[name]` or RANGES[dest] (a missing range is an error here), str -> a string.
     default: `defaults[name]`, else the field's. help: `helps[name]`, else metadata "help" with
     " (default: ...)" added when there is a default; choices: `choices[name]` or metadata."""
     flags, defaults, helps, types, choices = (d or {} for d in (flags, defaults, helps, types, choices))
@@ -189,7 +219,7 @@ def add_config_flags(parser, cls, names, *, flags: dict | None = None, defaults:
         text = helps.get(f.name)
         if text is None and f.metadata.get("help"):
             text = f.metadata["help"].replace("%", "%%")
-            if default not in (None, False, dataclasses.MISSING) and "default" not in text:
+            if not any(default is v for v in (None, False, dataclasses.MISSING)) and "default" not in text:
                 text += " (default: %(default)s)"
         parser.add_argument(flag, help=text, **kw)
 

@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import argparse
 
+from .flags import MODEL_HELP, add_common_flags, command_parser
+
 
 def add_parser(subparsers) -> argparse.ArgumentParser:
-    p = subparsers.add_parser("generate", help="generate text (chat template, greedy or sampling, streamed)",
-                              description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = command_parser(subparsers, "generate", "generate text (chat template, greedy or sampling, streamed)", __doc__)
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--model", default=None,
-                     help="alias (smollm2-135m), transformers folder, .gguf file or hub id (default: smollm2-135m)")
+    add_common_flags(src, "model", defaults={"model": None}, helps={"model": MODEL_HELP + " (default: smollm2-135m)"})
     src.add_argument("--compressed", default=None, help="a folder written by `hylorada compress`")
     p.add_argument("--adapter", default=None, help="an adapter folder saved by `hylorada finetune`")
     p.add_argument("--prompt", required=True, help="the prompt text")
@@ -27,9 +27,7 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature (default: %(default)s)")
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default: %(default)s)")
     p.add_argument("--top-k", type=int, default=50, help="top-k sampling, 0 = off (default: %(default)s)")
-    p.add_argument("--seed", type=int, default=0, help="random seed for sampling (default: %(default)s)")
-    p.add_argument("--dtype", default="float32", help="model weights dtype (default: %(default)s)")
-    p.add_argument("--device", default="cpu", help="torch device (default: %(default)s)")
+    add_common_flags(p, "seed", "dtype", "device", helps={"seed": "random seed for sampling (default: %(default)s)"})
     p.set_defaults(func=run)
     return p
 

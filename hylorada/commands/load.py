@@ -12,10 +12,11 @@ import os
 import re
 import struct
 import threading
+import time
 from pathlib import Path
 
 from ..errors import HyloradaError, UsageError
-from .checks import check_device, check_dtype, one_line
+from .checks import check_device, check_dtype, check_positions, one_line
 
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*(/[A-Za-z0-9][A-Za-z0-9_.-]*)?$")
@@ -161,3 +162,18 @@ def load_model_checked(name: str, dtype: str = "float32", device: str = "cpu", f
                          f"and {where}; give an alias, a model folder or a .gguf file") from e
 
 
+def load_for_run(name: str, dtype: str, device: str, lengths: dict[str, int | None]):
+    """`load_model_checked`, then every `--flag: length` checked against the model's positions
+    (checks.check_positions); returns (model, tokenizer, seconds it took)."""
+    t0 = time.perf_counter()
+    model, tokenizer = load_model_checked(name, dtype=dtype, device=device)
+    check_positions(model, lengths)
+    return model, tokenizer, time.perf_counter() - t0
+
+
+def set_threads(n: int | None) -> None:
+    """--threads: torch's CPU threads, when given."""
+    if n:
+        import torch
+
+        torch.set_num_threads(n)

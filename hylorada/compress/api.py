@@ -20,8 +20,17 @@ import torch
 from torch import nn
 
 from ..layers import in_out_features
-from .config import DTYPES, CompressConfig  # noqa: F401
+from .config import DTYPES, CompressConfig
+from .factorize import compress_model
 from .factorized import FactorizedLinear
+from .report import CompressReport, LayerReport
+from .targets import factorized_layers, find_target_layers, set_module as _set_module, stored_size
+
+# the public names: save/load here; the others are defined in config.py, factorize.py, report.py and
+# targets.py and re-exported, so that `from hylorada.compress.api import compress_model, ...` works
+__all__ = ["CompressConfig", "compress_model", "CompressReport", "LayerReport", "find_target_layers",
+           "factorized_layers", "stored_size", "save_compressed", "load_compressed", "read_compressed_meta",
+           "base_config", "RECOVER_SCHEDULES", "RECOVER_TARGETS"]
 
 log = logging.getLogger(__name__)
 
@@ -33,16 +42,6 @@ CONFIG_NAME = "config.json"
 BASE_CONFIG_NAME = "base_config.json"
 MARKER_MODEL_TYPE = "hylorada_compressed"
 RESERVED_NAMES = (CONFIG_NAME, BASE_CONFIG_NAME, META_NAME, WEIGHTS_NAME, ".hylorada")
-
-
-# --------------------------------------------------------------------------------------------
-# compress_model and its pieces live in factorize.py / report.py / targets.py; imported here so
-# that `from hylorada.compress.api import compress_model, CompressReport, ...` keeps working
-# --------------------------------------------------------------------------------------------
-from .factorize import compress_model  # noqa: E402,F401
-from .report import CompressReport, LayerReport  # noqa: E402,F401
-from .targets import (decoder_layer_lists, factorized_layers, find_target_layers,  # noqa: E402,F401
-                      set_module as _set_module, stored_size)
 
 
 # --------------------------------------------------------------------------------------------

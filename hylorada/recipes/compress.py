@@ -18,7 +18,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 import torch
 from torch import nn
 
@@ -63,7 +62,37 @@ def recover_compressed(model: nn.Module, train_blocks: dict, *, method: str = "h
     T²·KL(p_teacher || p_student) at temperature `kd_temperature`) or "kd+lm" (their sum);
     hylorada/losses.py. Same steps and tokens whichever loss.
     """
+    _check_recovery(method, steps, schedule, targets, loss, kd_temperature, teacher)
+    layers = factorized_layers(model)
+    if not layers:
+        raise ValueError("recover_compressed: the model has no FactorizedLinear layer")
+    acfg = dict(method=method, lora_rank=lora_rank,
+                lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * lora_rank))
+    acfg.update(adapter_config or {})
+    tcfg = {"loss": loss, "kd_temperature": kd_temperature, **(train_config or {})}
+    state = _training_state(model)
+    before = stored_size(model)
+    summary: dict = {"method": method, "schedule": schedule if targets == "factors" else "joint",
+                     "targets": targets, "lora_rank": lora_rank, "loss": loss,
+                     "kd_temperature": kd_temperature, "phases": []}
+    t0 = time.perf_counter()
+    for phase, names, n_steps in recovery_phases(list(layers), steps, schedule, targets):
+        names = _fitting(model, names, lora_rank, summary) if n_steps >= 1 else []
+        if names:
+            model, result = _train_and_merge(model, names, HyLoRADAConfig(**acfg),
+                                             TrainConfig(**{"steps": n_steps, **tcfg}), train_blocks, valid_blocks,
+                                             teacher)
+            summary["phases"].append(_phase_summary(phase, names, n_steps, result))
+    _restore_training_state(model, state)
+    after = stored_size(model)
+    summary.update(params_before=before[0], params_after=after[0], bytes_before=before[1],
+                   bytes_after=after[1], seconds=time.perf_counter() - t0,
+                   ranks_after={n: m.rank for n, m in factorized_layers(model).items()})
+    return summary
 
+
+def _check_recovery(method, steps, schedule, targets, loss, kd_temperature, teacher) -> None:
+    """recover_compressed's arguments; ValueError naming the first bad one."""
     if schedule not in RECOVER_SCHEDULES:
         raise ValueError(f"schedule must be one of {RECOVER_SCHEDULES}, got {schedule!r}")
     if targets not in RECOVER_TARGETS:
@@ -76,56 +105,65 @@ def recover_compressed(model: nn.Module, train_blocks: dict, *, method: str = "h
     if method == "lorada" and targets == "factors":
         raise ValueError("method='lorada' scales attention logits per head and needs the query "
                          "projection itself: use targets='layers'")
-    layers = factorized_layers(model)
-    if not layers:
-        raise ValueError("recover_compressed: the model has no FactorizedLinear layer")
+
+
+def recovery_phases(layers: list[str], steps: int, schedule: str, targets: str) -> list[tuple[str, list[str], int]]:
+    """(phase, module names, steps) in order: "layers" (whole FactorizedLinear layers, `steps`);
+    "up" then "down" factors, ceil(steps/2) and floor(steps/2) (sequential); "up+down" (joint)."""
     if targets == "layers":
-        phases = [("layers", list(layers), steps)]
-    elif schedule == "sequential":
-        phases = [("up", [f"{n}.up" for n in layers], (steps + 1) // 2),
-                  ("down", [f"{n}.down" for n in layers], steps // 2)]
-    else:
-        phases = [("up+down", [f"{n}.{c}" for n in layers for c in ("up", "down")], steps)]
-    acfg = dict(method=method, lora_rank=lora_rank,
-                lora_alpha=float(lora_alpha if lora_alpha is not None else 2 * lora_rank))
-    acfg.update(adapter_config or {})
-    was_training = model.training
-    device = next(model.parameters()).device  # the trainer may move the model to its accelerator
-    grad_flags = {n: p.requires_grad for n, p in model.named_parameters()}
-    before = stored_size(model)
-    summary: dict = {"method": method, "schedule": schedule if targets == "factors" else "joint",
-                     "targets": targets, "lora_rank": lora_rank, "loss": loss,
-                     "kd_temperature": kd_temperature, "phases": []}
-    t0 = time.perf_counter()
-    for phase, names, n_steps in phases:
-        if n_steps < 1:
-            continue
-        small = [n for n in names if min(in_out_features(model.get_submodule(n))) < lora_rank]
-        names = [n for n in names if n not in small]  # a factor of rank < r: nothing to add there
-        if small:
-            summary.setdefault("skipped_small_factors", []).extend(small)
-        if not names:
-            continue
-        wrapped = HyLoRADAModel(model, HyLoRADAConfig(**acfg), target_names=names)
-        tcfg = TrainConfig(**{"steps": n_steps, "loss": loss, "kd_temperature": kd_temperature,
-                              **(train_config or {})})
-        result = train(wrapped, train_blocks, valid_blocks, tcfg, teacher=teacher)
-        model = wrapped.merge_and_unload()
-        summary["phases"].append({
-            "phase": phase, "layers": len(names), "steps": n_steps,
+        return [("layers", list(layers), steps)]
+    if schedule == "sequential":
+        return [("up", [f"{n}.up" for n in layers], (steps + 1) // 2),
+                ("down", [f"{n}.down" for n in layers], steps // 2)]
+    return [("up+down", [f"{n}.{c}" for n in layers for c in ("up", "down")], steps)]
+
+
+def _fitting(model: nn.Module, names: list[str], lora_rank: int, summary: dict) -> list[str]:
+    """The modules of `names` that can take a rank-`lora_rank` adapter; a factor of rank < r has
+    nothing to add and is listed in summary["skipped_small_factors"]."""
+    small = [n for n in names if min(in_out_features(model.get_submodule(n))) < lora_rank]
+    if small:
+        summary.setdefault("skipped_small_factors", []).extend(small)
+    return [n for n in names if n not in small]
+
+
+def _train_and_merge(model, names, adapter_config: HyLoRADAConfig, train_config: TrainConfig, train_blocks,
+                     valid_blocks, teacher):
+    """Adapters on `names`, trained (hylorada.train.train) and merged back: (model, TrainResult)."""
+    wrapped = HyLoRADAModel(model, adapter_config, target_names=names)
+    result = train(wrapped, train_blocks, valid_blocks, train_config, teacher=teacher)
+    return wrapped.merge_and_unload(), result
+
+
+def _phase_summary(phase: str, names: list[str], n_steps: int, result) -> dict:
+    return {"phase": phase, "layers": len(names), "steps": n_steps,
             "first_loss": result.losses[0] if result.losses else None,
             "last_loss": result.losses[-1] if result.losses else None,
             "best_valid_loss": result.best_valid_loss, "train_time_s": result.train_time_s,
-            "mean_tokens_per_s": result.mean_tokens_per_s})
+            "mean_tokens_per_s": result.mean_tokens_per_s}
+
+
+def _training_state(model: nn.Module) -> tuple:
+    """What training changes and recovery puts back: the mode, the device (the trainer may move
+    the model to its accelerator) and each parameter's requires_grad."""
+    return model.training, next(model.parameters()).device, {n: p.requires_grad for n, p in model.named_parameters()}
+
+
+def _restore_training_state(model: nn.Module, state: tuple) -> None:
+    was_training, device, grad_flags = state
     for n, p in model.named_parameters():
         p.requires_grad_(grad_flags.get(n, True))
     model.to(device)
     model.train(was_training)
-    after = stored_size(model)
-    summary.update(params_before=before[0], params_after=after[0], bytes_before=before[1],
-                   bytes_after=after[1], seconds=time.perf_counter() - t0,
-                   ranks_after={n: m.rank for n, m in factorized_layers(model).items()})
-    return summary
+
+
+def calibration_ids(tokenizer, corpora, label: str, n_blocks: int, seq_len: int, seed: int | None,
+                    window_prefix: str = "auto"):
+    """hylorada.data.calibration_blocks; too little text is a UsageError naming `--calib label`."""
+    try:
+        return calibration_blocks(tokenizer, corpora, n_blocks, seq_len, seed=seed, window_prefix=window_prefix)
+    except ValueError as e:  # "<corpus> (train) has N blocks of L tokens, M asked"
+        raise UsageError(f"--calib {label}: {e}; lower --calib-blocks or --calib-seq-len") from None
 
 
 # ----------------------------------------------------------------------------- the whole run
@@ -163,9 +201,16 @@ class CompressSettings:
     record: dict = field(default_factory=dict)  # results.json "argv" and "args" (the command's flags)
 
 
+# the fields `hylorada compress` sets from its flags (hylorada/commands/compress.py)
 EVAL_FIELDS = ("eval_seq_len", "max_eval_tokens", "eval_batch_size", "window_prefix")
 RECOVER_FIELDS = ("recover_steps", "recover_method", "recover_rank", "recover_lr", "recover_batch_size",
-                  "recover_seq_len", "recover_schedule")
+                  "recover_seq_len", "recover_schedule", "recover_targets")
+SETTINGS_FIELDS = EVAL_FIELDS + RECOVER_FIELDS + ("out", "overwrite")  # of CompressSettings
+POLICY = ("ratio", "energy", "alpha", "budget")  # of CompressConfig, one at most
+COMPRESS_FIELDS = ("svd_solver", "whiten_method", "calib_precision", "dtype", "force", "rank_multiple",
+                   "allocate", "calibrate", "update")
+CALIB_FIELDS = ("calib_blocks", "calib_seq_len", "calib_batch_size", "seed")
+CONFIG_FIELDS = ("method", *POLICY, *COMPRESS_FIELDS, *CALIB_FIELDS, "recover_loss", "kd_temperature")
 
 
 class CompressRecipe:
@@ -182,11 +227,8 @@ class CompressRecipe:
         if not self.config.needs_calibration:
             return None
         s, t = self.s, time.perf_counter()
-        try:
-            ids = calibration_blocks(self.tokenizer, s.calib, self.config.calib_blocks, self.config.calib_seq_len,
-                                     seed=s.seed, window_prefix=self.window_prefix)
-        except ValueError as e:  # "<corpus> (train) has N blocks of L tokens, M asked"
-            raise UsageError(f"--calib {s.calib_label}: {e}; lower --calib-blocks or --calib-seq-len") from None
+        ids = calibration_ids(self.tokenizer, s.calib, s.calib_label, self.config.calib_blocks,
+                              self.config.calib_seq_len, s.seed, self.window_prefix)
         self.timings["calib_data_s"] = time.perf_counter() - t
         return ids
 
@@ -286,5 +328,3 @@ def recovery_blocks(tokenizer, corpora, seq_len: int, window_prefix: str = "auto
 def sources(corpora) -> list:
     """Corpora as a list: "kjv,my.txt" -> ["kjv", "my.txt"]; a list (of names or DataSpecs) as is."""
     return [c.strip() for c in corpora.split(",") if c.strip()] if isinstance(corpora, str) else list(corpora)
-
-

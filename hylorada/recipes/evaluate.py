@@ -20,25 +20,33 @@ from typing import Any
 import torch
 
 from .. import data, evaluate
+from ..config import option
 from ..utils.io import atomic_write_text
 from ..utils.env import environment
 
 
 @dataclass
 class EvalSettings:
+    """The fields with a help text are `hylorada eval` flags (EVAL_FIELDS)."""
+
     data: Any  # a hylorada.data.DataSpec, a corpus name or a path
-    split: str = "test"
-    seq_len: int = 512
-    stride: int | None = None
-    max_tokens: int | None = None
-    batch_size: int = 8
-    lim: bool = False
-    n_buckets: int = 10
-    window_prefix: str = "auto"
+    split: str = option("test", "which part of --data; a user's data is split 90/5/5 in order (docs/DATA.md)",
+                        choices=(*data.SPLITS, "all"))
+    seq_len: int = option(512, "window length in tokens")
+    stride: int | None = option(None, "sliding-window stride (default: non-overlapping windows)")
+    max_tokens: int | None = option(None, "evaluate only the first N tokens")
+    batch_size: int = option(8, "windows per forward")
+    lim: bool = option(False, "also report LiM perplexity (position buckets)")
+    n_buckets: int = option(10, "LiM buckets")
+    window_prefix: str = option("auto", "start every window with BOS: auto (when the tokenizer adds one), bos, none",
+                                choices=data.WINDOW_PREFIXES)
     progress: bool = True
     json_out: str | None = None
     model_name: str = ""  # printed
     record: dict = field(default_factory=dict)  # the JSON's "args": the command's flags
+
+
+EVAL_FIELDS = ("split", "seq_len", "stride", "max_tokens", "batch_size", "lim", "n_buckets", "window_prefix")
 
 
 def evaluate_split(model, tokenizer, s: EvalSettings, *, load_s: float = 0.0) -> dict:

@@ -41,13 +41,16 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..config import METHODS, HyLoRADAConfig, field_flag
+from ..config import METHODS, HyLoRADAConfig, field_flag, option
 from ..errors import HyloradaError, UsageError
 from ..train import TrainConfig
 from .finetune import ADAPTER_FIELDS, TRAIN_FIELDS
 
 log = logging.getLogger(__name__)
 
+# the TuneSettings fields `hylorada tune` sets by a flag (hylorada/commands/tune.py)
+TUNE_FIELDS = ("method", "model", "data", "steps", "batch_size", "seq_len", "eval_every", "valid_blocks", "targets",
+               "seed", "device")
 RANK_CHOICES = (4, 8, 16, 32)
 ALPHA_RATIO_CHOICES = (0.5, 1.0, 2.0, 4.0)
 SEARCH_SPACE_DOC = __doc__
@@ -55,19 +58,21 @@ SEARCH_SPACE_DOC = __doc__
 
 @dataclass
 class TuneSettings:
-    method: str = "hylorada"
-    model: str = "smollm2-135m"
-    data: str = "shakespeare"
-    steps: int = 40
-    batch_size: int = 4
-    seq_len: int = 128
+    """What every trial shares. The fields with a help text are `hylorada tune` flags (TUNE_FIELDS)."""
+
+    method: str = option("hylorada", "the adapter", choices=METHODS)
+    model: str = option("smollm2-135m", "model alias, folder, .gguf file or hub id")
+    data: str = option("shakespeare", "kjv, shakespeare or a .txt/.jsonl file or folder")
+    steps: int = option(40, "training steps per trial")
+    batch_size: int = option(4, "blocks per step")
+    seq_len: int = option(128, "block length")
     warmup_steps: int = 2
-    eval_every: int = 10
-    valid_blocks: int = 16
-    seed: int = 0
-    targets: str | list[str] = "all-linear"
+    eval_every: int = option(10, "valid loss (reported to the pruner) every N steps")
+    valid_blocks: int = option(16, "valid blocks per evaluation")
+    seed: int = option(0, "training seed (data order, init; the same for every trial) and TPE seed")
+    targets: list[str] | str = option("all-linear", "module names/suffixes or 'all-linear'", flag="--target-modules")
     dtype: str = "float32"
-    device: str = "cpu"
+    device: str = option("cpu", "cpu | cuda")
     mixed_precision: str = "auto"
 
     def __post_init__(self) -> None:
@@ -233,9 +238,6 @@ def run_tune(settings: TuneSettings | None = None, *, n_trials: int = 20, storag
     """
     import optuna
 
-    from ..model import HyLoRADAModel
-    from ..train import NonFiniteLossError, train
-
     settings = settings or TuneSettings()
     if storage is not None:
         check_storage(storage)
@@ -243,18 +245,26 @@ def run_tune(settings: TuneSettings | None = None, *, n_trials: int = 20, storag
     out.mkdir(parents=True, exist_ok=True)
     storage = storage or default_storage(out)
     study_name = study_name or f"{settings.method}-{Path(str(settings.model)).name}-{Path(str(settings.data)).name}"
-
-    if model_factory is None:
-        from ..loading import load_model
-
-        def model_factory():
-            return load_model(settings.model, dtype=settings.dtype, device=settings.device)
-
+    model_factory = model_factory or _loader(settings)
     first_model, tokenizer = model_factory()
-    max_rank = max_rank_allowed(first_model, settings.targets)
-    train_blocks, valid_blocks = _prepare_data(tokenizer, settings)
-    spare = [first_model]
+    objective = _Objective(settings, max_rank_allowed(first_model, settings.targets), model_factory,
+                           *_prepare_data(tokenizer, settings), spare=[first_model], progress=progress)
+    study = _start_study(storage, study_name, sampler_seed, settings, n_startup_trials, n_trials, progress)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    study.optimize(objective, n_trials=n_trials, show_progress_bar=progress, gc_after_trial=True)
+    return summarize(study, storage, out if write_best else None, settings, objective.mine, print_summary)
 
+
+def _loader(settings: TuneSettings) -> Callable[[], tuple[nn.Module, Any]]:
+    """The default model_factory: hylorada.load_model(settings.model) in settings.dtype on settings.device."""
+    from ..loading import load_model
+
+    return lambda: load_model(settings.model, dtype=settings.dtype, device=settings.device)
+
+
+def _start_study(storage: str, study_name: str, sampler_seed: int | None, settings: TuneSettings,
+                 n_startup_trials: int, n_trials: int, progress: bool):
+    """open_study; a new study records the settings; with `progress` one line says where it is."""
     study, used_seed = open_study(storage, study_name, sampler_seed, settings.seed, n_startup_trials,
                                   n_warmup_steps=settings.eval_every)
     if not study.trials:
@@ -262,30 +272,45 @@ def run_tune(settings: TuneSettings | None = None, *, n_trials: int = 20, storag
     if progress:
         print(f"study {study_name!r} at {storage}: {len(study.trials)} trial(s) so far; "
               f"sampler seed {used_seed}; running {n_trials} trial(s)")
-    mine: list[int] = []
+    return study
 
-    def objective(trial: optuna.Trial) -> float:
-        mine.append(trial.number)
-        params = suggest(trial, settings.method, max_rank)
-        acfg = adapter_config_from_params(settings.method, params, settings.targets)
-        model = spare.pop() if spare else model_factory()[0]
-        torch.manual_seed(settings.seed)
+
+@dataclass
+class _Objective:
+    """The Optuna objective. One trial: the trial's hyper-parameters (`suggest`), a fresh base
+    model (the first trial takes the model loaded for the set-up, `spare`) with that adapter,
+    `settings.steps` training steps with the validation loss reported for pruning; the value is
+    the validation loss at the end. `mine`: the numbers of the trials this worker ran."""
+
+    settings: TuneSettings
+    max_rank: int
+    model_factory: Callable[[], tuple[nn.Module, Any]]
+    train_blocks: dict
+    valid_blocks: dict
+    spare: list
+    progress: bool
+    mine: list[int] = field(default_factory=list)
+
+    def __call__(self, trial) -> float:
+        import optuna
+
+        from ..model import HyLoRADAModel
+        from ..train import NonFiniteLossError, train
+
+        s = self.settings
+        self.mine.append(trial.number)
+        params = suggest(trial, s.method, self.max_rank)
+        acfg = adapter_config_from_params(s.method, params, s.targets)
+        model = self.spare.pop() if self.spare else self.model_factory()[0]
+        torch.manual_seed(s.seed)
         wrapped = HyLoRADAModel(model, HyLoRADAConfig(**acfg))
-        tcfg = settings.train_config(lr=params["lr"])
+        tcfg = s.train_config(lr=params["lr"])
         trial.set_user_attr("adapter_config", acfg)
         trial.set_user_attr("train", {"steps": tcfg.steps, "batch_size": tcfg.batch_size, "lr": tcfg.lr,
                                       "warmup_steps": tcfg.warmup_steps, "schedule": tcfg.schedule,
-                                      "seq_len": settings.seq_len, "seed": tcfg.seed})
-
-        def report(step: int, metrics: dict[str, Any]) -> None:
-            if "valid_loss" in metrics:
-                v = metrics["valid_loss"]
-                trial.report(v if math.isfinite(v) else float("inf"), step)
-                if trial.should_prune():
-                    raise optuna.TrialPruned(f"pruned at step {step} (valid loss {v:.4f})")
-
+                                      "seq_len": s.seq_len, "seed": tcfg.seed})
         try:
-            result = train(wrapped, train_blocks, valid_blocks, tcfg, callback=report)
+            result = train(wrapped, self.train_blocks, self.valid_blocks, tcfg, callback=_pruner(trial))
         except NonFiniteLossError as e:
             trial.set_user_attr("diverged", str(e))
             raise optuna.TrialPruned(f"diverged: {e}") from None
@@ -294,13 +319,24 @@ def run_tune(settings: TuneSettings | None = None, *, n_trials: int = 20, storag
         final = result.valid_losses[-1]["loss"]
         trial.set_user_attr("tokens_per_s", result.mean_tokens_per_s)
         trial.set_user_attr("train_time_s", result.train_time_s)
-        if progress:
+        if self.progress:
             print(f"trial {trial.number}: valid loss {final:.4f}  {params}")
         return final
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    study.optimize(objective, n_trials=n_trials, show_progress_bar=progress, gc_after_trial=True)
-    return summarize(study, storage, out if write_best else None, settings, mine, print_summary)
+
+def _pruner(trial) -> Callable[[int, dict[str, Any]], None]:
+    """The trainer's callback: each validation loss (inf when not finite) is reported to the
+    trial at its step, and the trial is pruned when the study's pruner says so."""
+    import optuna
+
+    def report(step: int, metrics: dict[str, Any]) -> None:
+        if "valid_loss" in metrics:
+            v = metrics["valid_loss"]
+            trial.report(v if math.isfinite(v) else float("inf"), step)
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"pruned at step {step} (valid loss {v:.4f})")
+
+    return report
 
 
 def summarize(study, storage: str, out: Path | None, settings: TuneSettings, mine: list[int] | None = None,
