@@ -63,8 +63,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dropouts", default="0,0.05", help="train part: adapter dropouts (default: %(default)s)")
     ap.add_argument("--compile-mode", default="default", help="torch.compile mode of the train rows")
     ap.add_argument("--compile-backend", default="inductor")
-    ap.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
-                    help="train rows: regional (each decoder block once, the trainer's default) or the whole model")
+    ap.add_argument("--compile-scope", default="model", choices=["blocks", "model"],
+                    help="train rows: the whole model (the trainer's default) or regional (each decoder block once)")
     ap.add_argument("--decode-compile-mode", default="reduce-overhead", help="decode: CompileConfig mode")
     ap.add_argument("--prompt-len", type=int, default=512)
     ap.add_argument("--new-tokens", type=int, default=256)

@@ -3,7 +3,7 @@
     model = HyLoRADAModel(base, HyLoRADAConfig(...))      # base: bf16 weights, as loaded
     model.train()
     opt = torch.optim.AdamW(model.parameter_groups(lr))
-    run = compile_forward(model, "blocks") if compiled else model  # what hylorada's trainer compiles
+    run = compile_forward(model, "model") if compiled else model   # = torch.compile(model), the trainer's default
     with torch.autocast("cuda", torch.bfloat16): loss = run(input_ids=ids, labels=ids).loss
     loss.backward(); opt.step(); opt.zero_grad()
 
@@ -95,7 +95,7 @@ def dropout_active(model) -> int:
 
 def compiled(model, args):
     """The trainer's compile (hylorada/nn/compile.py), for peft's models and ours alike:
-    --compile-scope blocks (regional, the trainer's default) or model (torch.compile(model))."""
+    --compile-scope model (torch.compile(model), the trainer's default) or blocks (regional)."""
     return compile_forward(model, args.compile_scope, mode=args.compile_mode, backend=args.compile_backend)
 
 

@@ -5,10 +5,11 @@ Layout of ``out_dir/checkpoint-last`` and ``out_dir/checkpoint-best``::
 
     adapter.safetensors   model.adapter_state_dict()
     optimizer.pt          optimizer.state_dict()        (torch.save; loaded with weights_only=True)
-    scheduler.pt          scheduler.state_dict()        (idem; resume rebuilds the schedule from
-                                                         `step`, see hylorada/train.py)
     rng.pt                python/numpy/torch/cuda RNG states of every process (idem)
     trainer_state.json    step, data position (epoch, index), history, config
+
+No scheduler state: resume rebuilds the schedule from `step` and the config (hylorada/train.py;
+older checkpoints hold a scheduler.pt, which is ignored).
 
 Crash safety: a checkpoint is filled in ``.tmp-<name>``, every file and the folder are fsynced,
 then it replaces ``<name>`` through ``.old-<name>`` (hylorada/utils/io.py ``replace_dir``).
@@ -116,7 +117,7 @@ def adapter_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.adapter_state_dict().items()}
 
 
-def write_checkpoint(out_dir: str | Path, name: str, *, model: nn.Module, optimizer, scheduler,
+def write_checkpoint(out_dir: str | Path, name: str, *, model: nn.Module, optimizer,
                      rng_states: list[dict], state: dict[str, Any]) -> Path:
     """Write out_dir/name atomically (module doc); ``trainer_state.json`` is written last, and a
     folder without it is never used."""
@@ -129,7 +130,6 @@ def write_checkpoint(out_dir: str | Path, name: str, *, model: nn.Module, optimi
     save_file(adapter_tensors(model), str(tmp / ADAPTER_FILE),
               metadata={"format": "pt", "step": str(state["step"])})
     torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save({"ranks": rng_states}, tmp / "rng.pt")
     (tmp / STATE_FILE).write_text(json.dumps(state, indent=1) + "\n")
     finish_tree(tmp)

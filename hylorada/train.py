@@ -127,10 +127,11 @@ class TrainConfig:
                                   "is CUDA), 'yes' or 'no'; results agree with eager up to float "
                                   "rounding.", choices=COMPILE)
 
-    compile_scope: str = option("blocks", "What compile covers: 'blocks' (each repeated decoder "
-                                          "block compiled once and reused: compile time of one "
-                                          "layer) or 'model' (one graph for the whole forward); "
-                                          "hylorada/nn/compile.py.", choices=SCOPES)
+    compile_scope: str = option("model", "What compile covers: 'model' (one graph for the whole "
+                                         "forward: the fastest steps) or 'blocks' (each repeated "
+                                         "decoder block compiled once and reused: a fraction of the "
+                                         "compile time, slower steps); docs/PERFORMANCE.md, "
+                                         "hylorada/nn/compile.py.", choices=SCOPES)
 
     compile_backend: str = option("inductor", "The torch.compile backend when compile is on, e.g. "
                                               "'inductor' or 'aot_eager' (the CPU tests).")
@@ -530,7 +531,7 @@ class Trainer:
             return None
         if self.is_main:
             write_checkpoint(self.out_dir, name, model=self.model, optimizer=self.optimizer,
-                             scheduler=self.scheduler, rng_states=states, state=self._trainer_state())
+                             rng_states=states, state=self._trainer_state())
         self.accelerator.wait_for_everyone()
         return str(self.out_dir / name)
 

@@ -329,11 +329,10 @@ def checkpointed(world, tmp_path_factory):
 
 @pytest.mark.parametrize("victim,content", [
     ("optimizer.pt", b"\x94" * 64),  # the "Unsupported operand 148" of the issue
-    ("scheduler.pt", b""),
     ("rng.pt", None),  # truncated
     ("adapter.safetensors", b"\x00" * 10),
     ("trainer_state.json", b"{ nope"),
-], ids=["optimizer-opcode148", "scheduler-empty", "rng-truncated", "adapter-zeros", "state-notjson"])
+], ids=["optimizer-opcode148", "rng-truncated", "adapter-zeros", "state-notjson"])
 def test_damaged_checkpoint_named(checkpointed, victim, content, capsys, tmp_path):
     argv, out = checkpointed
     run = tmp_path / "run"

@@ -221,10 +221,10 @@ def test_resume_after_interruption_matches_uninterrupted_run(tmp_path):
     assert [v["loss"] for v in resumed.valid_losses] == pytest.approx([v["loss"] for v in full.valid_losses], abs=1e-6)
     assert resumed.best_step == full.best_step
     assert max_diff(adapter(resumed_model), adapter(full_model)) < 1e-6
-    # the saved files: safetensors adapter, weights_only-loadable optimizer/scheduler/RNG
+    # the saved files: safetensors adapter, weights_only-loadable optimizer/RNG
     ck = tmp_path / "b" / CHECKPOINT_LAST
     assert max_diff(load_file(str(ck / "adapter.safetensors")), adapter(full_model)) < 1e-6
-    for f in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+    for f in ("optimizer.pt", "rng.pt"):
         torch.load(ck / f, weights_only=True)
     assert (tmp_path / "b" / CHECKPOINT_BEST / "adapter.safetensors").is_file()
     assert not list((tmp_path / "b").glob(".tmp-*")) and not list((tmp_path / "b").glob(".old-*"))
@@ -280,7 +280,7 @@ def test_non_finite_loss_stops_before_the_step_and_keeps_the_checkpoint(tmp_path
     state = load_adapter_checkpoint(fresh, ck)
     assert state["step"] == 2
     assert all(torch.isfinite(v).all() for v in fresh.adapter_state_dict().values())
-    for f in ("optimizer.pt", "scheduler.pt", "rng.pt"):
+    for f in ("optimizer.pt", "rng.pt"):
         torch.load(ck / f, weights_only=True)
     # the stopped run did not take the optimizer step: only the poisoned tensor is non-finite
     bad = [n for n, p in model.named_trainable_parameters() if not torch.isfinite(p).all()]

@@ -40,6 +40,8 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
     p.add_argument("--window-prefix", default=None, choices=["auto", "bos", "none"],
                    help="start every window/block with BOS: auto (default; when the tokenizer adds one), "
                         "bos, none; cells record the resolved value")
+    p.add_argument("--compile", default=None, choices=["auto", "yes", "no"],
+                   help="torch.compile each cell's training forward (TrainConfig.compile; default auto: on CUDA)")
     p.add_argument("--list", action="store_true", help="list the cell ids and whether each is done, then exit")
     p.add_argument("--report-only", action="store_true",
                    help="compute nothing: rebuild results.json/results.md/plots from the stored cells")

@@ -227,7 +227,8 @@ def benchmark_config(args: argparse.Namespace):
                    "eval_max_tokens": "--eval-tokens"}):
         cfg = make_config(args.preset, model=args.model, data=args.data, seeds=args.seeds, steps=args.steps,
                           target_rank=args.target_rank, eval_max_tokens=args.eval_max_tokens, device=device,
-                          peft=False if args.no_peft else None, window_prefix=args.window_prefix)
+                          peft=False if args.no_peft else None, window_prefix=args.window_prefix,
+                          compile=args.compile)
     if not args.list and not args.report_only:
         load_docs(cfg.data, "train")
         load_for_run(cfg.model, cfg.dtype, "cpu", {"seq_len (preset)": cfg.seq_len,

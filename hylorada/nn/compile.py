@@ -27,7 +27,7 @@ def has_repeated_blocks(model: nn.Module) -> bool:
     return any(_is_repeated(m) for m in model.modules())
 
 
-def compile_forward(model: nn.Module, scope: str = "blocks", **compile_kwargs) -> nn.Module:
+def compile_forward(model: nn.Module, scope: str = "model", **compile_kwargs) -> nn.Module:
     """The module to call for compiled forwards (see the module docstring); `compile_kwargs`
     go to torch.compile (backend, dynamic, mode, ...). Falls back to scope "model" when the
     model has no repeated blocks or is a DDP wrapper (its forward must run whole)."""

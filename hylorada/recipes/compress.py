@@ -31,7 +31,7 @@ from ..errors import UsageError
 from ..layers import in_out_features
 from ..losses import check_loss
 from ..model import HyLoRADAModel
-from ..train import TrainConfig, train
+from ..train import COMPILE, TrainConfig, train
 from ..utils.env import environment
 
 __all__ = ["recover_compressed", "compress_and_save", "CompressSettings", "RECOVER_SCHEDULES", "RECOVER_TARGETS"]
@@ -192,6 +192,8 @@ class CompressSettings:
                                                  "both at once", choices=RECOVER_SCHEDULES)
     recover_targets: str = option("factors", "factors: adapters on up/down (rank stays k); layers: on whole "
                                              "layers (rank k + r)", choices=RECOVER_TARGETS)
+    recover_compile: str = option("auto", "torch.compile the recovery's training forward: auto (on CUDA), yes, "
+                                          "no (TrainConfig.compile)", choices=COMPILE)
     seed: int = 0
     out: str | None = option(None, "output directory (default: do not save); an existing path is refused "
                                    "unless it is a previous hylorada output and --overwrite is given")
@@ -204,7 +206,7 @@ class CompressSettings:
 # the fields `hylorada compress` sets from its flags (hylorada/commands/compress.py)
 EVAL_FIELDS = ("eval_seq_len", "max_eval_tokens", "eval_batch_size", "window_prefix")
 RECOVER_FIELDS = ("recover_steps", "recover_method", "recover_rank", "recover_lr", "recover_batch_size",
-                  "recover_seq_len", "recover_schedule", "recover_targets")
+                  "recover_seq_len", "recover_schedule", "recover_targets", "recover_compile")
 SETTINGS_FIELDS = EVAL_FIELDS + RECOVER_FIELDS + ("out", "overwrite")  # of CompressSettings
 POLICY = ("ratio", "energy", "alpha", "budget")  # of CompressConfig, one at most
 COMPRESS_FIELDS = ("svd_solver", "whiten_method", "calib_precision", "dtype", "force", "rank_multiple",
@@ -259,7 +261,7 @@ class CompressRecipe:
             schedule=s.recover_schedule, targets=s.recover_targets, loss=self.config.recover_loss,
             kd_temperature=self.config.kd_temperature, teacher=teacher,
             train_config={"batch_size": s.recover_batch_size, "lr": s.recover_lr, "progress": s.progress,
-                          "seed": s.seed})
+                          "seed": s.seed, "compile": s.recover_compile})
         self.timings["recover_s"] = time.perf_counter() - t
         print(f"  recovery: {recovery['method']} r={recovery['lora_rank']}, {s.recover_steps} steps "
               f"({recovery['schedule']}), size {recovery['bytes_before'] / 2**20:.1f} -> "

@@ -46,7 +46,7 @@ ADAPTER_FIELDS = ("method", "lora_rank", "lora_alpha", "lora_dropout", "target_m
                   "use_rslora", "lora_plus_ratio")
 TRAIN_FIELDS = ("steps", "batch_size", "grad_accum", "lr", "weight_decay", "warmup_steps", "schedule",
                 "min_lr_ratio", "max_grad_norm", "mixed_precision", "seed", "eval_every", "eval_batches",
-                "save_every", "log_every")
+                "save_every", "log_every", "compile", "compile_scope")
 # what a finetune --out folder may hold (anything else is the user's and blocks --overwrite)
 RUN_FILES = ("checkpoint-last", "checkpoint-best", ".old-checkpoint-last", ".old-checkpoint-best",
              ".tmp-checkpoint-last", ".tmp-checkpoint-best", "train_log.jsonl", "adapter", "merged",

@@ -45,7 +45,7 @@ ABLATIONS: dict[str, dict[str, Any]] = {
 
 # the TrainConfig fields a benchmark sets (the rest keep TrainConfig's defaults), in results.json order
 TRAIN_FIELDS = ("steps", "batch_size", "lr", "warmup_steps", "schedule", "min_lr_ratio", "weight_decay",
-                "max_grad_norm", "mixed_precision")
+                "max_grad_norm", "mixed_precision", "compile")
 
 
 def base_method(row: str) -> str:
