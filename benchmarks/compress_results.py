@@ -45,7 +45,7 @@ from hylorada.loading import load_model
 ABLATION_ROWS = ("default", "allocate=loss", "allocate=sensitivity", "calibrate=sequential",
                  "update=lstsq", "recover_loss=kd", "all")
 
-DESIGN_REFERENCE = """Reference (docs: ../shared/DESIGN.md, an earlier H100 run: held-out = last 10% of each
+DESIGN_REFERENCE = """Reference (the original project's design notes, an earlier H100 run: held-out = last 10% of each
 text, whitening calibrated on 64 x 512 KJV tokens only, recovery with peft LoRA r=8, 200 steps
 of 16 x 256 KJV tokens): dense KJV 28.1 / Shakespeare 38.3; 20%: plain SVD 2.5e7 / 1.6e7,
 whitened 79.4 / 501, recovered 40.1 / 262; 40%: whitened 162 / 1697, recovered 57.3 / 386.

@@ -1,2 +1,2 @@
 """Workflows: each module is a readable top-to-bottom recipe that a command or a user's script
-calls (docs/ARCHITECTURE.md in ../shared describes the target layout)."""
+calls (docs/ARCHITECTURE.md: the layers and the flow)."""
