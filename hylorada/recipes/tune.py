@@ -44,6 +44,7 @@ from torch import nn
 from ..config import METHODS, HyLoRADAConfig, field_flag, option
 from ..errors import HyloradaError, UsageError
 from ..train import TrainConfig
+from ..utils.io import atomic_write_text
 from .finetune import ADAPTER_FIELDS, TRAIN_FIELDS
 
 log = logging.getLogger(__name__)
@@ -359,9 +360,7 @@ def summarize(study, storage: str, out: Path | None, settings: TuneSettings, min
     doc = best_config(best, study.study_name, storage, settings)
     if out is not None:
         path = out / "best_config.json"
-        tmp = path.with_suffix(".json.tmp")
-        tmp.write_text(json.dumps(doc, indent=2) + "\n")
-        os.replace(tmp, path)
+        atomic_write_text(path, json.dumps(doc, indent=2) + "\n")
         res.best_config_path = str(path)
     if progress:
         print(f"best trial {best.number}: valid loss {best.value:.4f} "

@@ -34,6 +34,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import Callable
 from typing import Iterable, Iterator
 
 from ..errors import UsageError
@@ -293,15 +294,17 @@ def claim_work_dir(path: str | os.PathLike, kind: str, *, flag: str = "--out") -
     return p
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write `data` to `path` through a fsynced temporary file in the same folder + os.replace."""
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> None:
+    """Create `path` atomically: `write(tmp)` fills a temporary file in the same folder, which is
+    fsynced and renamed over `path` (os.replace); if `write` raises, `path` is untouched and the
+    temporary file is removed."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".part", dir=path.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
+        write(Path(tmp))
+        with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
         umask = os.umask(0)
         os.umask(umask)
@@ -310,6 +313,11 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     finally:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `path` atomically (`atomic_write`)."""
+    atomic_write(path, lambda tmp: tmp.write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> None:
