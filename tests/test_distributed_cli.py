@@ -119,3 +119,25 @@ def test_two_process_finetune_equals_one_process(reference, launcher):
     assert ppl_two == pytest.approx(two["ppl_after"]["test"]["ppl"], rel=1e-5)
     assert abs(ppl_two - one["ppl_before"]["test"]["ppl"]) > 1e-4  # training changed the model
     assert torch.isfinite(torch.tensor(two["train"]["losses"])).all()
+
+
+def test_dist_speed_smoke_one_and_two_processes(tmp_path):
+    """benchmarks/dist_speed.py --smoke on CPU: its loss curve under 2 gloo processes equals the
+    one-process curve (fp32, same global batch), and --compare reads both files."""
+    script = HERE.parent / "benchmarks" / "dist_speed.py"
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="",
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    flags = ["--shape", "tiny", "--device", "cpu", "--smoke", "--precision", "no"]
+    for n in (1, 2):
+        cmd = LAUNCHERS["torchrun"][:-1] + [str(n), str(script), *flags, "--out", str(tmp_path / f"{n}.json")]
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    one, two = (json.loads((tmp_path / f"{n}.json").read_text()) for n in (1, 2))
+    assert (one["world_size"], two["world_size"]) == (1, 2)
+    assert one["curve"]["global_batch"] == two["curve"]["global_batch"] == 4
+    assert two["curve"]["losses"] == pytest.approx(one["curve"]["losses"], rel=1e-5)
+    assert (one["speed"]["global_batch"], two["speed"]["global_batch"]) == (2, 4)  # --batch is per process
+    assert len(two["speed"]["peak_gib_per_process"]) == 2 and two["speed"]["tokens_per_s_median"] > 0
+    proc = subprocess.run([sys.executable, str(script), "--compare", str(tmp_path / "1.json"),
+                           str(tmp_path / "2.json")], env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and "max relative loss difference" in proc.stdout, proc.stderr[-2000:]
