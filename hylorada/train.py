@@ -267,10 +267,12 @@ class Trainer:
                         getattr(self.accelerator.ddp_handler, "find_unused_parameters", False))
         self.forward = self.ddp_model
         if self.compiled:
-            # One graph serves every step: each micro-batch has exactly batch_size blocks of one
-            # length (the sampler runs on into the next epoch, never a short last batch), so a
-            # process's shapes never change; dynamic=False keeps them static. Only the training forward is
-            # compiled: evaluation (no_grad, eval mode) would be a second graph for little gain.
+            # The graphs of step 1 serve every later step: each micro-batch has exactly batch_size
+            # blocks of one length (the sampler runs on into the next epoch, never a short last
+            # batch), so a process's shapes never change; dynamic=False keeps them static (scope
+            # "blocks" makes a few variants per block: first layer or not, mask or none). Only the
+            # training forward is compiled: evaluation (no_grad, eval mode) would be a second graph
+            # for little gain.
             self.forward = compile_forward(self.ddp_model, self.config.compile_scope,
                                            backend=self.config.compile_backend, dynamic=False)
             if self.is_main:

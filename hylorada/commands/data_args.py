@@ -73,10 +73,10 @@ def checked_specs(args: argparse.Namespace, corpora: dict[str, tuple[str | None,
     """flag -> [DataSpec] of each comma-separated corpus list (`corpora`: flag -> (names, split,
     used)); the `split` documents of the used ones are read now (checks.load_docs, memoised), so
     bad data stops here, before the model loads."""
-    from ..recipes.compress import sources
+    from ..data import source_list
     from .checks import load_docs
 
-    specs = {flag: [spec_from_args(args, source=n) for n in sources(names or "")]
+    specs = {flag: [spec_from_args(args, source=n) for n in source_list(names or "")]
              for flag, (names, _, _) in corpora.items()}
     for flag, (_, split, used) in corpora.items():
         for spec in specs[flag] if used else ():

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from types import MethodType
 
+import torch
 from torch import nn
 
 SCOPES = ("blocks", "model")
@@ -31,8 +32,6 @@ def compile_forward(model: nn.Module, scope: str = "model", **compile_kwargs) ->
     """The module to call for compiled forwards (see the module docstring); `compile_kwargs`
     go to torch.compile (backend, dynamic, mode, ...). Falls back to scope "model" when the
     model has no repeated blocks or is a DDP wrapper (its forward must run whole)."""
-    import torch
-
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
@@ -47,8 +46,6 @@ def _is_repeated(m: nn.Module) -> bool:
 
 def _regional(module: nn.Module, kw: dict) -> nn.Module:
     """A shallow copy of `module` whose repeated-block lists hold compiled blocks."""
-    import torch
-
     if _is_repeated(module):
         return nn.ModuleList(torch.compile(c, **kw) for c in module)
     if not has_repeated_blocks(module):

@@ -307,7 +307,7 @@ def evaluate_corpora(model, tokenizer, corpora, seq_len: int, max_tokens: int | 
     """{corpus: perplexity result dict} on the test split of each corpus."""
     bos_id = data.window_bos_id(tokenizer, window_prefix)
     out = {}
-    for name in sources(corpora):
+    for name in data.source_list(corpora):
         ids = data.eval_split(tokenizer, name, "test")[1]
         if max_tokens:
             ids = ids[:, :max_tokens]
@@ -321,12 +321,7 @@ def evaluate_corpora(model, tokenizer, corpora, seq_len: int, max_tokens: int | 
 
 def recovery_blocks(tokenizer, corpora, seq_len: int, window_prefix: str = "auto") -> dict:
     """Training blocks (hylorada.data.training_blocks) of the train split of each corpus, concatenated."""
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     bos_id = data.window_bos_id(tokenizer, window_prefix)
-    parts = [data.training_blocks(tokenizer, n, "train", seq_len, pad, bos_id=bos_id)[0] for n in sources(corpora)]
+    parts = [data.training_blocks(tokenizer, n, "train", seq_len, bos_id=bos_id)[0] for n in data.source_list(corpora)]
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
-
-def sources(corpora) -> list:
-    """Corpora as a list: "kjv,my.txt" -> ["kjv", "my.txt"]; a list (of names or DataSpecs) as is."""
-    return [c.strip() for c in corpora.split(",") if c.strip()] if isinstance(corpora, str) else list(corpora)

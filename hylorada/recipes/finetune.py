@@ -154,12 +154,11 @@ class FinetuneRecipe:
 
     def _setup_data(self) -> None:
         s, tok = self.s, self.tokenizer
-        pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
         self.window_prefix = data.resolve_window_prefix(tok, s.window_prefix)
         self.bos_id = tok.bos_token_id if self.window_prefix == "bos" else None
         self.train_blocks, self.train_info = data.training_blocks(
-            tok, s.data, "train", s.seq_len, pad_id, bos_id=self.bos_id, max_tokens=s.max_train_tokens)
-        self.valid_blocks, _ = data.training_blocks(tok, s.data, "valid", s.seq_len, pad_id, bos_id=self.bos_id,
+            tok, s.data, "train", s.seq_len, bos_id=self.bos_id, max_tokens=s.max_train_tokens)
+        self.valid_blocks, _ = data.training_blocks(tok, s.data, "valid", s.seq_len, bos_id=self.bos_id,
                                                     max_tokens=s.max_eval_tokens or None)
         self.eval_sets = {split: data.eval_split(tok, s.data, split)[1] for split in ("valid", "test")}
         if s.max_eval_tokens:

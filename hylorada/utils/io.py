@@ -34,8 +34,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
-from typing import Callable
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 from ..errors import UsageError
 
