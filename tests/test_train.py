@@ -480,3 +480,26 @@ def test_compile_forward_blocks_leaves_the_model_alone_and_shares_its_parameters
     assert all(a._orig_mod is b for a, b in zip(new_layers, layers))
     assert all(type(b).__name__ != "OptimizedModule" for b in layers)
     assert {id(p) for p in f.parameters()} == {id(p) for p in model.parameters()}
+
+
+def test_compile_forward_blocks_share_one_graph_across_depth():
+    """Scope "blocks" on a 4-layer Llama, a batch without padding: two graphs (layer 0, whose
+    input needs no grad, and the three later layers sharing one), not one per layer."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    from hylorada.nn.compile import compile_forward
+
+    torch.manual_seed(0)
+    base = AutoModelForCausalLM.from_config(LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=64))
+    model = HyLoRADAModel(base, HyLoRADAConfig(method="lora", lora_rank=4, target_modules="all-linear"))
+    model.train()
+    torch._dynamo.reset()
+    counters.clear()
+    ids = torch.randint(0, 64, (2, 16))
+    compile_forward(model, "blocks", backend="aot_eager", dynamic=False)(
+        input_ids=ids, labels=ids, use_cache=False).loss.backward()
+    assert counters["stats"]["unique_graphs"] == 2
