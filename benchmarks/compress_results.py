@@ -25,7 +25,10 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import re
 import shlex
+import signal
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -100,7 +103,17 @@ def parse_args(argv=None) -> argparse.Namespace:
     g.add_argument("--kd-temperature", type=float, default=1.0)
     g.add_argument("--sensitivity-blocks", type=int, default=8)
     g.add_argument("--targets", default=None, help="module name pieces to compress, comma-separated")
-    g.add_argument("--resume", action="store_true", help="keep the rows already in the output JSON")
+    g.add_argument("--resume", action="store_true",
+                   help="keep the rows (and seeds) already in the output JSON; run only what is missing")
+    g.add_argument("--jobs", type=int, default=1,
+                   help="run the (ratio, row) cells in this many processes at once on one device (recovery "
+                        "is host-bound: one process leaves the GPU mostly idle); each child writes its "
+                        "own JSON after every seed and the parent merges them (default: %(default)s)")
+    g.add_argument("--recover-compile", default="auto", choices=["auto", "yes", "no"],
+                   help="TrainConfig.compile of the recoveries (default: %(default)s = on with CUDA)")
+    g.add_argument("--tf32", action="store_true",
+                   help="TF32 matmuls for fp32 weights on CUDA (torch.set_float32_matmul_precision('high')); "
+                        "recorded in the JSON")
     args = p.parse_args(argv)
     if args.quick:
         args.calib_blocks, args.calib_seq_len, args.calib_batch_size = 2, 32, 2
@@ -125,6 +138,10 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    if args.tf32:
+        torch.set_float32_matmul_precision("high")
+    if args.ablation and args.jobs > 1:
+        return run_ablation_jobs(args)
     if args.ablation:
         return run_ablation(args)
     t_start = time.perf_counter()
@@ -295,8 +312,10 @@ def _write_json(path: Path, data: dict) -> None:
     tmp.replace(path)
 
 
-def ablation_row(args, dense, tokenizer, calib, blocks, ratio: float, row: str, ppl, log) -> dict:
-    """Compress a copy of `dense` with the row's options, evaluate, recover once per seed."""
+def ablation_row(args, dense, tokenizer, calib, blocks, ratio: float, row: str, ppl, log,
+                 have: dict | None = None, saved=lambda out: None) -> dict:
+    """Compress a copy of `dense` with the row's options, evaluate, recover once per seed that
+    `have` (the row as already saved) lacks; `saved(out)` is called after every seed."""
     options, loss = row_settings(row, args)
     targets = args.targets.split(",") if args.targets else None
     cfg = CompressConfig(method="whiten", ratio=ratio, svd_solver=args.solver, seed=args.seed,
@@ -309,20 +328,25 @@ def ablation_row(args, dense, tokenizer, calib, blocks, ratio: float, row: str, 
     out = {"ratio": ratio, "row": row, "options": {**options, "recover_loss": loss},
            "compress_s": time.perf_counter() - t, "timings": report.timings,
            "target_removed": report.target_ratio, "model_removed": report.model_ratio,
-           "ranks": {r.name: r.rank for r in report.layers}, "ppl": ppl(model), "recovery": []}
+           "ranks": {r.name: r.rank for r in report.layers}, "ppl": ppl(model),
+           "recovery": list((have or {}).get("recovery", []))}
     log(f"{row} {ratio:.0%}: {out['ppl']} ({out['compress_s']:.1f} s {report.timings})")
-    for seed in args.seeds if args.recover_steps else []:
+    saved(out)
+    done = {x["seed"] for x in out["recovery"]}
+    for seed in [s for s in args.seeds if s not in done] if args.recover_steps else []:
         student = copy.deepcopy(model)
         t = time.perf_counter()
-        recover_compressed(student, blocks, method=args.recover_method, steps=args.recover_steps,
-                           lora_rank=args.recover_rank, schedule=args.recover_schedule,
-                           loss=loss, kd_temperature=args.kd_temperature,
-                           teacher=dense if loss != "lm" else None,
-                           train_config={"batch_size": args.recover_batch_size, "lr": args.recover_lr,
-                                         "progress": args.progress, "seed": seed})
-        rec = {"seed": seed, "recover_s": time.perf_counter() - t, "ppl": ppl(student)}
+        summary = recover_compressed(
+            student, blocks, method=args.recover_method, steps=args.recover_steps,
+            lora_rank=args.recover_rank, schedule=args.recover_schedule, loss=loss,
+            kd_temperature=args.kd_temperature, teacher=dense if loss != "lm" else None,
+            train_config={"batch_size": args.recover_batch_size, "lr": args.recover_lr,
+                          "progress": args.progress, "seed": seed, "compile": args.recover_compile})
+        rec = {"seed": seed, "recover_s": time.perf_counter() - t, "ppl": ppl(student),
+               "phase_train_s": [p.get("train_time_s") for p in summary["phases"]]}
         out["recovery"].append(rec)
         log(f"  seed {seed}: recovered {rec['ppl']} ({rec['recover_s']:.1f} s)")
+        saved(out)
         del student
     return out
 
@@ -337,7 +361,6 @@ def run_ablation(args) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     path = out.with_suffix(".json")
     done = json.loads(path.read_text())["rows"] if args.resume and path.exists() else []
-    keys = {(r["ratio"], r["row"]) for r in done}
     dense, tokenizer = load_model(args.model, dtype=args.dtype, device=torch.device(args.device))
     corpora = [c for c in args.eval.split(",") if c]
 
@@ -352,15 +375,18 @@ def run_ablation(args) -> int:
     blocks = recovery_blocks(tokenizer, args.recover_data, args.recover_seq_len) if args.recover_steps else None
     if blocks is not None and args.quick:
         blocks = {k: v[:64] for k, v in blocks.items()}
-    rows = list(done)
     data = {"command": "python " + " ".join(shlex.quote(a) for a in sys.argv), "args": vars(args),
-            "env": environment(args.device), "dense": dense_ppl, "rows": rows}
-    for ratio in [float(r) for r in args.ratios.split(",") if r]:
-        for row in [r for r in args.rows.split(",") if r]:
-            if (ratio, row) in keys:
-                continue
-            rows.append(ablation_row(args, dense, tokenizer, calib, blocks, ratio, row, ppl, log))
+            "env": environment(args.device), "tf32": args.tf32, "dense": dense_ppl, "rows": list(done)}
+    for ratio, row in ablation_cells(args):
+        have = _find_row(data["rows"], ratio, row)
+        if have is not None and _complete(have, args):
+            continue
+
+        def saved(out, ratio=ratio, row=row):
+            data["rows"] = [r for r in data["rows"] if (r["ratio"], r["row"]) != (ratio, row)] + [out]
             _write_json(path, data)
+        ablation_row(args, dense, tokenizer, calib, blocks, ratio, row, ppl, log, have, saved)
+    data["rows"].sort(key=lambda r: _cell_order(args).get((r["ratio"], r["row"]), 1 << 30))
     data["seconds"] = time.perf_counter() - t_start
     _write_json(path, data)
     md = render_ablation(data, corpora)
@@ -370,6 +396,111 @@ def run_ablation(args) -> int:
     print(md)
     log(f"wrote {out} and {path}")
     return 0
+
+
+def ablation_cells(args) -> list[tuple[float, str]]:
+    """(ratio, row) pairs in run order: ratios outer, rows inner."""
+    return [(float(r), row) for r in args.ratios.split(",") if r for row in args.rows.split(",") if row]
+
+
+def _cell_order(args) -> dict:
+    return {cell: i for i, cell in enumerate(ablation_cells(args))}
+
+
+def _find_row(rows: list[dict], ratio: float, row: str) -> dict | None:
+    return next((r for r in rows if (r["ratio"], r["row"]) == (ratio, row)), None)
+
+
+def _complete(row: dict, args) -> bool:
+    have = {x["seed"] for x in row.get("recovery", [])}
+    return not args.recover_steps or set(args.seeds) <= have
+
+
+def _child_argv(argv: list[str], ratio: float, row: str, out: Path) -> list[str]:
+    """This run's arguments for one cell: --jobs/--ratios/--rows/--out replaced."""
+    drop = {"--jobs", "--ratios", "--rows", "--out"}
+    kept, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+            continue
+        key = a.split("=", 1)[0]
+        if key in drop:
+            skip = "=" not in a
+            continue
+        kept.append(a)
+    return kept + ["--ratios", str(ratio), "--rows", row, "--out", str(out), "--resume"]
+
+
+def run_ablation_jobs(args) -> int:
+    """The ablation's cells in `--jobs` child processes (this script, one cell each, --resume);
+    their JSONs are merged into --out's after each child ends and once more at the end."""
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    path = out.with_suffix(".json")
+    work = out.with_name(f"{out.stem}.jobs")
+    work.mkdir(exist_ok=True)
+    data = json.loads(path.read_text()) if args.resume and path.exists() else {"rows": []}
+    data.update(command="python " + " ".join(shlex.quote(a) for a in sys.argv), jobs=args.jobs)
+    t0 = time.perf_counter()
+    running: list[tuple[subprocess.Popen, Path]] = []
+
+    def merge(child_json: Path) -> None:
+        if not child_json.exists():
+            return
+        child = json.loads(child_json.read_text())
+        for key in ("args", "env", "tf32", "dense"):  # the newest child's run settings
+            data[key] = child.get(key, data.get(key))
+        for r in child["rows"]:
+            data["rows"] = [x for x in data["rows"] if (x["ratio"], x["row"]) != (r["ratio"], r["row"])] + [r]
+        data["rows"].sort(key=lambda r: _cell_order(args).get((r["ratio"], r["row"]), 1 << 30))
+        _write_json(path, data)
+
+    if args.resume:  # children of an interrupted run saved their seeds as they went
+        for f in sorted(work.glob("cell*.json")):
+            merge(f)
+    cells = [c for c in ablation_cells(args)
+             if not ((have := _find_row(data["rows"], *c)) is not None and _complete(have, args))]
+    def stop(signum, frame):  # a time limit: end the children, keep what they saved
+        for proc, child_json in running:
+            proc.terminate()
+            proc.wait()
+            merge(child_json)
+        raise SystemExit(f"stopped by signal {signum}; rerun with --resume to finish")
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    for ratio, row in cells:
+        child_md = work / ("cell-" + re.sub(r"[^A-Za-z0-9.]+", "_", f"{ratio}-{row}") + ".md")
+        prior = _find_row(data["rows"], ratio, row)
+        if prior is not None:  # seeds already measured: the child resumes from them
+            _write_json(child_md.with_suffix(".json"), {"rows": [prior]})
+        while len(running) >= args.jobs:
+            running = _reap(running, merge)
+        log = open(child_md.with_suffix(".log"), "w")  # noqa: SIM115 - closed by the child's exit
+        cmd = [sys.executable, str(Path(__file__).resolve())] + _child_argv(sys.argv[1:], ratio, row, child_md)
+        print(f"[{time.perf_counter() - t0:7.1f}s] start {ratio:.0%} {row} -> {log.name}", flush=True)
+        running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), child_md.with_suffix(".json")))
+    while running:
+        running = _reap(running, merge)
+    data["seconds"] = time.perf_counter() - t0
+    _write_json(path, data)
+    md = render_ablation(data, [c for c in args.eval.split(",") if c])
+    out.write_text(md)
+    print(md)
+    return 0
+
+
+def _reap(running: list, merge) -> list:
+    """Wait until one child ends; merge its JSON; the ones still running."""
+    while True:
+        for proc, child_json in running:
+            if proc.poll() is not None:
+                merge(child_json)
+                if proc.returncode:
+                    print(f"a child failed (exit {proc.returncode}); see {child_json.with_suffix('.log')}",
+                          flush=True)
+                return [x for x in running if x[0] is not proc]
+        time.sleep(2)
 
 
 def _mean_sd(xs: list[float]) -> str:

@@ -379,3 +379,34 @@ def test_ablation_command_quick_smoke(tmp_path):
             "update=lstsq", "recover_loss=kd", "all"} <= names
     assert data["env"]["versions"]["torch"] and "compress_results.py" in data["command"]
     assert "| ratio |" in out.read_text()
+
+
+def test_ablation_child_argv_replaces_the_cell_flags():
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    from compress_results import _child_argv
+    argv = ["--ablation", "--jobs", "4", "--ratios=0.2,0.4", "--rows", "default,all", "--seeds", "0", "1",
+            "--out", "x.md", "--tf32"]
+    assert _child_argv(argv, 0.4, "allocate=sensitivity&calibrate=sequential", Path("c.md")) == [
+        "--ablation", "--seeds", "0", "1", "--tf32", "--ratios", "0.4", "--rows",
+        "allocate=sensitivity&calibrate=sequential", "--out", "c.md", "--resume"]
+
+
+@pytest.mark.slow
+def test_ablation_jobs_merge_and_resume_per_seed(tmp_path):
+    """--jobs 2 runs each cell in a child and merges; --resume with one more seed runs only it."""
+    import json
+    out = tmp_path / "A.md"
+    base = [sys.executable, str(ROOT / "benchmarks" / "compress_results.py"), "--ablation", "--device", "cpu",
+            "--quick", "--out", str(out), "--jobs", "2", "--rows", "default,recover_loss=kd"]
+    proc = subprocess.run(base + ["--seeds", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    first = json.loads(out.with_suffix(".json").read_text())
+    assert [r["row"] for r in first["rows"]] == ["default", "recover_loss=kd"]
+    proc = subprocess.run(base + ["--seeds", "0", "1", "--resume"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    second = json.loads(out.with_suffix(".json").read_text())
+    for a, b in zip(first["rows"], second["rows"]):
+        assert [x["seed"] for x in b["recovery"]] == [0, 1]
+        assert b["recovery"][0] == a["recovery"][0]  # seed 0 kept, not re-run
+    assert second["args"]["seeds"] == [0, 1]

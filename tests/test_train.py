@@ -503,3 +503,23 @@ def test_compile_forward_blocks_share_one_graph_across_depth():
     compile_forward(model, "blocks", backend="aot_eager", dynamic=False)(
         input_ids=ids, labels=ids, use_cache=False).loss.backward()
     assert counters["stats"]["unique_graphs"] == 2
+
+
+def test_compile_forward_blocks_falls_back_to_model_when_blocks_differ(caplog):
+    """Blocks whose ranks differ (rank allocation per layer) would each need a graph of their
+    own: scope "blocks" compiles the model whole instead, and says so."""
+    import logging
+
+    from hylorada.compress import CompressConfig, compress_model
+    from hylorada.nn.compile import blocks_alike, compile_forward
+
+    model = make_model("lora")
+    assert blocks_alike(model)
+    assert all(type(a).__name__ == "OptimizedModule" for a in compile_forward(model, "blocks").base_model.layers)
+    base = tiny_llama()
+    compress_model(base, CompressConfig(method="svd", ratio=0.2, overrides={"layers.0.mlp.up_proj": 8}))
+    assert not blocks_alike(base)
+    with caplog.at_level(logging.INFO, logger="hylorada.nn.compile"):
+        f = compile_forward(base, "blocks", backend="aot_eager")
+    assert type(f).__name__ == "OptimizedModule" and f._orig_mod is base
+    assert "blocks differ" in caplog.text

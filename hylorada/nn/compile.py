@@ -9,17 +9,22 @@ left uncompiled (evaluation, merging and saving see the plain modules and the sa
   compile time is that of one block, not of the whole depth. Everything else (embeddings, final
   norm, head, loss) runs eagerly. The returned module is a shallow copy down to those lists,
   sharing every parameter and buffer with `model`. Used when the model has such a list and is
-  not wrapped for DDP. (accelerate's compile_regions also compiles the other children one by
+  not wrapped for DDP, and only when the blocks are alike (the same module types, parameter
+  names, shapes and dtypes): blocks that differ (ranks allocated per layer, an adapter left out
+  of one layer) would each compile a graph of their own and pass dynamo's recompile limit, so
+  such a model is compiled whole instead. (accelerate's compile_regions also compiles the other children one by
   one, which makes dynamo recompile one wrapper per module kind.)
 - scope "model": torch.compile(model), one graph for the whole forward.
 """
 from __future__ import annotations
 
+import logging
 from types import MethodType
 
 import torch
 from torch import nn
 
+logger = logging.getLogger(__name__)
 SCOPES = ("blocks", "model")
 
 
@@ -28,15 +33,31 @@ def has_repeated_blocks(model: nn.Module) -> bool:
     return any(_is_repeated(m) for m in model.modules())
 
 
+def blocks_alike(model: nn.Module) -> bool:
+    """True when, in every repeated-block list, the blocks have the same module types and the
+    same parameter names, shapes and dtypes (so one compiled graph serves them all)."""
+    return all(len({_signature(c) for c in m}) == 1 for m in model.modules() if _is_repeated(m))
+
+
+def _signature(block: nn.Module) -> tuple:
+    return (tuple((n, type(m).__name__) for n, m in block.named_modules()),
+            tuple((n, tuple(p.shape), p.dtype) for n, p in block.named_parameters()))
+
+
 def compile_forward(model: nn.Module, scope: str = "model", **compile_kwargs) -> nn.Module:
     """The module to call for compiled forwards (see the module docstring); `compile_kwargs`
     go to torch.compile (backend, dynamic, mode, ...). Falls back to scope "model" when the
-    model has no repeated blocks or is a DDP wrapper (its forward must run whole)."""
+    model has no repeated blocks, when its blocks are not alike (`blocks_alike`), or when it is
+    a DDP wrapper (its forward must run whole); the fallback is logged."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
-    if scope == "blocks" and not is_ddp and has_repeated_blocks(model):
-        return _regional(model, compile_kwargs)
+    if scope == "blocks":
+        why = ("it is wrapped for DDP" if is_ddp else "it has no repeated blocks" if not has_repeated_blocks(model)
+               else "its blocks differ in shape (e.g. ranks per layer)" if not blocks_alike(model) else None)
+        if why is None:
+            return _regional(model, compile_kwargs)
+        logger.info("compile scope 'blocks' -> 'model': %s", why)
     return torch.compile(model, **compile_kwargs)
 
 
