@@ -7,7 +7,7 @@
         --out docs/ABLATION.md                                 # issue 15's ablation (GPU)
     python benchmarks/compress_results.py --ablation --device cpu --quick --out .dev/A.md  # smoke
 
---ablation: at each ratio, rows = the current default, each option of issue 15 alone
+--ablation: at each ratio, rows = the SVD-LLM baseline (uniform ranks), each option of issue 15 alone
 (--allocate loss / sensitivity, --calibrate sequential, --update lstsq, --recover-loss kd) and
 all together; every row is recovered (same steps and tokens) once per --seeds. The JSON is
 rewritten after every row; --resume skips the (ratio, row) pairs it already holds, so the run
@@ -45,7 +45,7 @@ from hylorada.compress.whiten import collect_grams
 from hylorada.data import calibration_blocks
 from hylorada.loading import load_model
 
-ABLATION_ROWS = ("default", "allocate=loss", "allocate=sensitivity", "calibrate=sequential",
+ABLATION_ROWS = ("baseline", "allocate=loss", "allocate=sensitivity", "calibrate=sequential",
                  "update=lstsq", "recover_loss=kd", "all")
 
 DESIGN_REFERENCE = """Reference (the original project's design notes, an earlier H100 run: held-out = last 10% of each
@@ -68,6 +68,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--calib-seq-len", type=int, default=512)
     p.add_argument("--calib-batch-size", type=int, default=8)
     p.add_argument("--solver", default="full", choices=["full", "randomized", "gram"])
+    p.add_argument("--allocate", default="auto", choices=["auto", "uniform", "loss", "sensitivity"],
+                   help="CompressConfig.allocate of the whiten rows (default: %(default)s, the library's: "
+                        "sensitivity on CUDA); plain SVD rows stay uniform")
     p.add_argument("--eval", default="kjv,shakespeare")
     p.add_argument("--eval-seq-len", type=int, default=512)
     p.add_argument("--max-eval-tokens", type=int, default=51200, help="first N test tokens (0: all)")
@@ -98,7 +101,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "128 test tokens per text, 2 recovery steps of 2 x 32)")
     g.add_argument("--seeds", type=int, nargs="+", default=None, help="recovery seeds (default: 0 1 2; quick: 0)")
     g.add_argument("--rows", default=",".join(ABLATION_ROWS), help="rows to run (default: all)")
-    g.add_argument("--all-allocate", default="loss", choices=["loss", "sensitivity"],
+    g.add_argument("--all-allocate", default="sensitivity", choices=["loss", "sensitivity"],
                    help="allocation used by the 'all' row (default: %(default)s)")
     g.add_argument("--kd-temperature", type=float, default=1.0)
     g.add_argument("--sensitivity-blocks", type=int, default=8)
@@ -185,7 +188,7 @@ def main(argv=None) -> int:
     rows.append(dense_row)
     log(f"dense {dense_row['ppl']} {dense_row['tokens_per_s']} tok/s")
 
-    grams = None
+    grams = calib = None
     if "whiten" in methods:
         calib = calibration_blocks(tokenizer, args.calib, args.calib_blocks, args.calib_seq_len, seed=args.seed)
         t = time.perf_counter()
@@ -198,14 +201,18 @@ def main(argv=None) -> int:
         for method in methods:
             model = copy.deepcopy(dense)  # the dense model itself is never modified
             t = time.perf_counter()
-            cfg = CompressConfig(method=method, ratio=ratio, svd_solver=args.solver, seed=args.seed)
-            report = compress_model(model, cfg, grams=grams if method == "whiten" else None)
+            whiten = method == "whiten"
+            cfg = CompressConfig(method=method, ratio=ratio, svd_solver=args.solver, seed=args.seed,
+                                 allocate=args.allocate if whiten else "uniform",
+                                 sensitivity_blocks=args.sensitivity_blocks)
+            report = compress_model(model, cfg, calibration=calib if whiten else None,
+                                    grams=grams if whiten else None)
             compress_s = time.perf_counter() - t
             size = evaluate.model_size(model)
             row = {"ratio": ratio, "method": method, "ppl": ppl(model), "ppl_recovered": None,
                    "mb": size.n_bytes / 2**20, "params": size.n_params,
                    "target_removed": report.target_ratio, "model_removed": report.model_ratio,
-                   "n_dense": report.n_dense, "compress_s": compress_s, "tokens_per_s": throughput(model)}
+                   "allocate": report.config["allocate"], "n_dense": report.n_dense, "compress_s": compress_s, "tokens_per_s": throughput(model)}
             log(f"{method} {ratio:.0%}: {row['ppl']} ({compress_s:.1f} s), {row['mb']:.1f} MiB, "
                 f"{row['tokens_per_s']} tok/s")
             if args.recover_steps and method in recover_for:
@@ -233,6 +240,11 @@ def main(argv=None) -> int:
     return 0
 
 
+def _allocations(rows) -> str:
+    """The allocations the whiten rows resolved to ("uniform" for runs that did not record it)."""
+    return "/".join(sorted({r.get("allocate", "uniform") for r in rows if r["method"] == "whiten"})) or "uniform"
+
+
 def render(args, rows, corpora, seconds: float) -> str:
     env = environment(args.device)
     v = env["versions"]
@@ -249,7 +261,8 @@ def render(args, rows, corpora, seconds: float) -> str:
         "",
         "Setup: every Linear of the 30 decoder layers (q, k, v, o, gate, up, down) is factorised; "
         "embeddings / lm_head stay dense. `ratio` = fraction of those layers' parameters removed "
-        "(SVD-LLM: k = floor((1-ratio)·m·n/(m+n)) per matrix). "
+        "(SVD-LLM: k = floor((1-ratio)·m·n/(m+n)) per matrix; the whiten rows spend the same "
+        f"parameters with allocate={_allocations(rows)}, hylorada/compress/allocate.py). "
         f"Whitening: {args.calib_blocks} x {args.calib_seq_len} train tokens of {args.calib}, "
         f"fp64 Gram, Cholesky, {args.solver} SVD. "
         f"Perplexity: test split (whole books/plays), \"\\n\\n\"-joined, non-overlapping "
@@ -289,14 +302,17 @@ def render(args, rows, corpora, seconds: float) -> str:
 # ablation (issue 15)
 # --------------------------------------------------------------------------------------------
 def row_settings(row: str, args) -> tuple[dict, str]:
-    """(CompressConfig options, recovery loss) of an ablation row: "default", "all", or
-    key=value pairs joined by "&" (keys: allocate, calibrate, update, recover_loss), e.g.
-    "allocate=sensitivity&calibrate=sequential"."""
+    """(CompressConfig options, recovery loss) of an ablation row: "baseline" (SVD-LLM: uniform
+    ranks, dense calibration, no update, LM-loss recovery), "all", or key=value pairs joined by
+    "&" (keys: allocate, calibrate, update, recover_loss) changing the baseline, e.g.
+    "allocate=sensitivity&calibrate=sequential". ("default" is read as "baseline": the rows of
+    runs made before allocate="auto" became the library default.)"""
+    base = {"allocate": "uniform"}
     if row == "all":
         return {"allocate": args.all_allocate, "calibrate": "sequential", "update": "lstsq"}, "kd"
-    if row == "default":
-        return {}, "lm"
-    options, loss = {}, "lm"
+    if row in ("baseline", "default"):
+        return base, "lm"
+    options, loss = dict(base), "lm"
     for part in row.split("&"):
         key, _, value = part.partition("=")
         if key == "recover_loss":
@@ -462,9 +478,13 @@ def run_ablation_jobs(args) -> int:
     cells = [c for c in ablation_cells(args)
              if not ((have := _find_row(data["rows"], *c)) is not None and _complete(have, args))]
     def stop(signum, frame):  # a time limit: end the children, keep what they saved
-        for proc, child_json in running:
+        for proc, _ in running:
             proc.terminate()
-            proc.wait()
+        for proc, child_json in running:
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
             merge(child_json)
         raise SystemExit(f"stopped by signal {signum}; rerun with --resume to finish")
     signal.signal(signal.SIGTERM, stop)

@@ -170,6 +170,35 @@ def test_allocation_in_compress_model_keeps_the_uniform_size(allocate):
     assert rep.timings["allocation_s"] > 0
 
 
+@pytest.mark.parametrize("kw,device,has_calib,expected", [
+    (dict(ratio=0.2), "cuda", True, "sensitivity"),
+    (dict(ratio=0.2), "cpu", True, "uniform"),
+    (dict(ratio=0.2), "cuda", False, "uniform"),
+    (dict(ratio=0.2, method="svd"), "cuda", True, "uniform"),
+    (dict(energy=0.9), "cuda", True, "uniform"),
+    (dict(ratio=0.2, allocate="loss"), "cpu", True, "loss"),
+    (dict(ratio=0.2, allocate="uniform"), "cuda", True, "uniform"),
+])
+def test_allocate_auto_resolves_by_method_policy_data_and_device(kw, device, has_calib, expected):
+    """The default: sensitivity (the best measured) where it runs and costs about a minute
+    (whiten + ratio + calibration on CUDA), uniform elsewhere; explicit values pass through."""
+    from hylorada.compress.allocate import resolve_allocate
+    cfg = CompressConfig(**kw)
+    assert CompressConfig(ratio=0.2).allocate == "auto"
+    got, why = resolve_allocate(cfg.allocate, cfg.method, cfg.policy, has_calib, torch.device(device))
+    assert got == expected
+    assert (why != "") == (cfg.allocate == "auto")
+
+
+def test_allocate_auto_on_cpu_is_uniform_and_the_report_says_so():
+    calib = _calib()
+    auto = compress_model(tiny_llama(), CompressConfig(ratio=0.4), calibration=calib)
+    uniform = compress_model(tiny_llama(), CompressConfig(ratio=0.4, allocate="uniform"), calibration=calib)
+    assert auto.config["allocate"] == "uniform"
+    assert [r.rank for r in auto.layers] == [r.rank for r in uniform.layers]
+    assert any("allocate='auto' -> 'uniform' on cpu" in n for n in auto.notes)
+
+
 # --------------------------------------------------------------------------------------------
 # sequential calibration
 # --------------------------------------------------------------------------------------------
@@ -375,7 +404,7 @@ def test_ablation_command_quick_smoke(tmp_path):
     import json
     data = json.loads(out.with_suffix(".json").read_text())
     names = {r["row"] for r in data["rows"]}
-    assert {"default", "allocate=loss", "allocate=sensitivity", "calibrate=sequential",
+    assert {"baseline", "allocate=loss", "allocate=sensitivity", "calibrate=sequential",
             "update=lstsq", "recover_loss=kd", "all"} <= names
     assert data["env"]["versions"]["torch"] and "compress_results.py" in data["command"]
     assert "| ratio |" in out.read_text()
@@ -397,11 +426,11 @@ def test_ablation_jobs_merge_and_resume_per_seed(tmp_path):
     import json
     out = tmp_path / "A.md"
     base = [sys.executable, str(ROOT / "benchmarks" / "compress_results.py"), "--ablation", "--device", "cpu",
-            "--quick", "--out", str(out), "--jobs", "2", "--rows", "default,recover_loss=kd"]
+            "--quick", "--out", str(out), "--jobs", "2", "--rows", "baseline,recover_loss=kd"]
     proc = subprocess.run(base + ["--seeds", "0"], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     first = json.loads(out.with_suffix(".json").read_text())
-    assert [r["row"] for r in first["rows"]] == ["default", "recover_loss=kd"]
+    assert [r["row"] for r in first["rows"]] == ["baseline", "recover_loss=kd"]
     proc = subprocess.run(base + ["--seeds", "0", "1", "--resume"], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

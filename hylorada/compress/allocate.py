@@ -42,8 +42,26 @@ from .targets import set_module
 from .whiten import Whitening, iter_batches
 
 ALLOCATIONS = ("uniform", "loss", "sensitivity")
+ALLOCATE_CHOICES = ("auto",) + ALLOCATIONS
 # candidate removed ratios for "sensitivity", as multiples of the target ratio (capped below 1)
 SENSITIVITY_STEPS = (0.5, 1.0, 1.5, 2.0)
+
+
+def resolve_allocate(allocate: str, method: str, policy: str, has_calibration: bool,
+                     device: torch.device) -> tuple[str, str]:
+    """(allocation, why) for CompressConfig.allocate; "auto" becomes "sensitivity" when it can
+    run and is cheap enough (method "whiten", the ratio policy, calibration given, a CUDA
+    device: about a minute for SmolLM2-135M on an H100) and "uniform" otherwise. "sensitivity"
+    is the best option measured (docs/COMPRESSION-OPTIONS.md) and the principled one: it
+    allocates by the change of the calibration loss itself, not by a proxy of it."""
+    if allocate != "auto":
+        return allocate, ""
+    if method != "whiten" or policy != "ratio" or not has_calibration:
+        return "uniform", "allocate='auto' -> 'uniform' (sensitivity needs method='whiten', a ratio and calibration)"
+    if device.type != "cuda":
+        return "uniform", (f"allocate='auto' -> 'uniform' on {device.type} (sensitivity, the better allocation, "
+                           "costs ~4 forwards per matrix; --allocate sensitivity to use it anyway)")
+    return "sensitivity", "allocate='auto' -> 'sensitivity' (measured calibration-loss change per matrix)"
 
 
 def kept_params(specs: list[LayerSpec], decisions: dict[str, RankDecision]) -> int:

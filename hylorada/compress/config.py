@@ -7,7 +7,7 @@ import torch
 
 from ..errors import UsageError
 from ..losses import check_loss
-from .allocate import ALLOCATIONS
+from .allocate import ALLOCATE_CHOICES
 from .ranks import POLICIES
 from .svd import SOLVERS
 from .whiten import CALIB_PRECISIONS, WHITEN_METHODS
@@ -94,7 +94,11 @@ class CompressConfig:
     allocate: "uniform" (every matrix at the ratio's rank), "loss" (relative whitened truncation
         loss per parameter) or "sensitivity" (measured calibration-loss change per matrix), the
         last two under the uniform ratio's parameter budget (hylorada/compress/allocate.py; need
-        the ratio policy). sensitivity_blocks: calibration blocks its loss is measured on.
+        the ratio policy); "auto" (default, `allocate.resolve_allocate`): "sensitivity" for
+        method="whiten" with the ratio policy, calibration data and a model on a CUDA device,
+        "uniform" otherwise (on a CPU sensitivity costs ~4 full-model forwards of
+        sensitivity_blocks blocks per matrix: hours for a 135M model on 2 cores). The report
+        records what it resolved to. sensitivity_blocks: calibration blocks its loss is measured on.
     calibrate: "dense" (every layer's statistics from the dense model) or "sequential" (from the
         model compressed so far, one input group at a time; hylorada/compress/sequential.py).
     update: "none" or "lstsq" (re-solve `up` by least squares against the dense layer's outputs;
@@ -140,9 +144,10 @@ class CompressConfig:
         "help": "storage dtype of the factors (default: the model's)", "flag": "--factor-dtype"})
     compute_dtype: str = field(default="float64", metadata={"help": "dtype of the SVD and the whitening"})
     seed: int = field(default=0, metadata={"help": "seed of the randomized solver and the calibration blocks"})
-    allocate: str = field(default="uniform", metadata={
+    allocate: str = field(default="auto", metadata={
         "help": "ranks: uniform per matrix, or shared under the same budget by relative truncation loss "
-                "or by measured sensitivity", "choices": ALLOCATIONS})
+                "or by measured sensitivity; auto = sensitivity for whiten + ratio on a CUDA device (the "
+                "best measured, docs/COMPRESSION-OPTIONS.md), uniform otherwise", "choices": ALLOCATE_CHOICES})
     sensitivity_blocks: int = field(default=8, metadata={"help": "calibration blocks the sensitivity is measured on"})
     calibrate: str = field(default="dense", metadata={
         "help": "whitening statistics from the dense model or from the model compressed so far",
@@ -230,10 +235,10 @@ class CompressConfig:
 
     def _check_options(self) -> None:
         """allocate / calibrate / update and the combinations they need; the recovery loss."""
-        for name, allowed in (("allocate", ALLOCATIONS), ("calibrate", CALIBRATIONS),
+        for name, allowed in (("allocate", ALLOCATE_CHOICES), ("calibrate", CALIBRATIONS),
                               ("update", UPDATES)):
             _one_of(self, name, allowed)
-        if self.allocate != "uniform" and self.policy != "ratio":
+        if self.allocate not in ("uniform", "auto") and self.policy != "ratio":
             raise UsageError(f"CompressConfig.allocate={self.allocate!r} shares the budget of the ratio "
                              f"policy: set ratio, not {self.policy}")
         if self.calibrate == "sequential" and self.method != "whiten" and self.update != "lstsq":

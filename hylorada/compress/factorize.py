@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import time
 from collections import Counter
 from dataclasses import dataclass, field
@@ -26,7 +27,7 @@ import torch
 from torch import nn
 
 from ..layers import dense_weight, in_out_features
-from .allocate import (allocate_by_loss, allocate_by_sensitivity, calibration_loss,
+from .allocate import (allocate_by_loss, allocate_by_sensitivity, calibration_loss, resolve_allocate,
                        candidate_ranks, measure_sensitivity)
 from .config import CompressConfig
 from .factorized import FactorizedLinear
@@ -72,6 +73,15 @@ def _needs_grams(config: CompressConfig) -> bool:
     return config.method == "whiten" or config.update == "lstsq"
 
 
+def _resolved(config, model: nn.Module, calibration) -> tuple[CompressConfig, str]:
+    """`config` with allocate="auto" resolved (allocate.resolve_allocate) and the note saying so."""
+    if not isinstance(config, CompressConfig) or config.allocate != "auto":
+        return config, ""
+    device = next(model.parameters()).device
+    allocate, why = resolve_allocate("auto", config.method, config.policy, calibration is not None, device)
+    return dataclasses.replace(config, allocate=allocate), why
+
+
 def _check_inputs(config, calibration, grams) -> None:
     if not isinstance(config, CompressConfig):
         raise ValueError(f"config must be a CompressConfig, got {type(config).__name__}")
@@ -101,6 +111,7 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
     calibration pass (calibrate="dense" only).
     """
     t0 = time.perf_counter()
+    config, why = _resolved(config, model, calibration)
     _check_inputs(config, calibration, grams)
     targets = find_target_layers(model, config.target_modules)
     before = stored_size(model)
@@ -109,6 +120,8 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
         d_in, d_out = in_out_features(layer)
         specs[name] = LayerSpec(name, d_out, d_in, layer.bias is not None)
     run = _Run(model, config, targets, specs, progress)
+    if why:
+        run.notes.append(why)
     if config.calibrate == "sequential":
         reports, tokens = _compress_sequential(run, calibration)
     else:

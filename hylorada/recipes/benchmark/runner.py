@@ -218,7 +218,10 @@ class CellRunner:
         gc.collect()
         model = self.load()
         calib = None
-        ccfg = CompressConfig(method=spec["compress_method"], ratio=spec["ratio"], svd_solver=spec["svd_solver"])
+        # uniform ranks, fixed: the benchmark compares adapters on one compressed base whatever the
+        # device (its published numbers were made with it); `hylorada compress` defaults to "auto"
+        ccfg = CompressConfig(method=spec["compress_method"], ratio=spec["ratio"], svd_solver=spec["svd_solver"],
+                              allocate="uniform")
         if spec["compress_method"] == "whiten":
             calib = self.calibration(spec["calib_data"], spec["calib_blocks"], spec["calib_seq_len"])
         report = compress_model(model, ccfg, calibration=calib, progress=False)
