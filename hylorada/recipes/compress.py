@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from .. import data, evaluate
+from ..checkpoint import seed_everything
 from ..compress import CompressConfig, compress_model, save_compressed
 from ..compress.api import RECOVER_SCHEDULES, RECOVER_TARGETS
 from ..compress.targets import factorized_layers, stored_size
@@ -129,7 +130,10 @@ def _fitting(model: nn.Module, names: list[str], lora_rank: int, summary: dict) 
 
 def _train_and_merge(model, names, adapter_config: HyLoRADAConfig, train_config: TrainConfig, train_blocks,
                      valid_blocks, teacher):
-    """Adapters on `names`, trained (hylorada.train.train) and merged back: (model, TrainResult)."""
+    """Adapters on `names`, trained (hylorada.train.train) and merged back: (model, TrainResult).
+    The adapters' initial values are drawn after seeding torch with train_config.seed, so a
+    recovery depends on its seed only, not on what ran before it in the process."""
+    seed_everything(train_config.seed)
     wrapped = HyLoRADAModel(model, adapter_config, target_names=names)
     result = train(wrapped, train_blocks, valid_blocks, train_config, teacher=teacher)
     return wrapped.merge_and_unload(), result
