@@ -95,6 +95,12 @@ def test_compress_writes_a_model_with_the_reported_size_and_perplexity(tiny_asse
     assert ppl_by_hand(model.eval(), split_ids(tiny_assets)[:, :96], 32) == pytest.approx(float(ppl), abs=6e-4)
     results = json.loads((out / "results.json").read_text())
     assert results["command"] == "compress" and results["report"]["model_params_after"] == after
+    # report.md's rank map: one row per kind, one column per decoder layer; ranks.png beside it
+    md = (out / "report.md").read_text()
+    for kind in ("q_proj", "down_proj"):
+        ranks = [str(m.rank) for n, m in factors.items() if n.endswith(kind)]
+        assert f"| {kind} | " + " | ".join(ranks) + " |" in md
+    assert (out / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 def test_analyze_prints_the_ranks_of_the_weights_spectra(tiny_assets, tmp_path, capsys):

@@ -262,6 +262,54 @@ def test_factorized_param_count_and_break_even_guard():
     assert rep.n_factorized == 0 and rep.target_params_after == rep.target_params_before
 
 
+def _rank_map(md: str) -> dict[str, dict[int, str]]:
+    """The rank map table of a report.md: row label -> {column header (layer index) -> cell}."""
+    lines = md.split("Rank per decoder layer", 1)[1].split("\n\n")[1].splitlines()
+    cells = [[c.strip() for c in line.strip("|").split("|")] for line in lines]
+    head = [int(c) for c in cells[0][1:]]
+    return {row[0]: dict(zip(head, row[1:])) for row in cells[2:]}
+
+
+def test_rank_map_and_plot_show_each_layers_rank(tmp_path):
+    model = tiny_llama(num_hidden_layers=3)
+    rep = compress_model(model, CompressConfig(method="svd", ratio=0.2, overrides={
+        "layers.0.self_attn.q_proj": 5, "layers.1.mlp": 0.5, "layers.2.self_attn.v_proj": "dense"}))
+    # reference from the model: model.layers.<i>.<block>.<kind>, FactorizedLinear.rank or dense
+    expected: dict[str, dict[int, str]] = {}
+    for name, m in model.named_modules():
+        parent = model.get_submodule(name.rsplit(".", 1)[0])
+        if isinstance(m, (FactorizedLinear, nn.Linear)) and not isinstance(parent, FactorizedLinear) \
+                and name.startswith("model.layers."):
+            i, kind = int(name.split(".")[2]), name.split(".")[-1]
+            expected.setdefault(kind, {})[i] = str(m.rank) if isinstance(m, FactorizedLinear) else "dense"
+    got = _rank_map(rep.to_markdown())
+    assert got == expected and list(got) == ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj",
+                                             "up_proj", "down_proj"]
+    assert got["q_proj"] == {0: "5", 1: "12", 2: "12"} and got["v_proj"][2] == "dense"  # ranks differ
+    assert rep.to_markdown().count("| model.layers.") == 21  # the per-layer table stays
+    assert rep.plot_ranks(tmp_path / "ranks.png") is True
+    assert (tmp_path / "ranks.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ranks.png"]  # no temporary left
+    # names without a layer index: no map, no plot
+    from dataclasses import replace
+    flat = replace(rep, layers=[replace(r, name=f"l_{r.name.replace('.', '_')}") for r in rep.layers])
+    assert "Rank per decoder layer" not in flat.to_markdown()
+    assert flat.plot_ranks(tmp_path / "flat.png") is False and not (tmp_path / "flat.png").exists()
+
+
+def test_rank_map_tells_gpt2s_two_c_proj_apart():
+    model = tiny_gpt2()
+    rep = compress_model(model, CompressConfig(method="svd", ratio=0.2, overrides={"h.1.mlp.c_proj": 7}))
+    expected = {}
+    for name, m in model.named_modules():
+        if isinstance(m, FactorizedLinear):  # transformer.h.<i>.<attn|mlp>.<kind>
+            parts = name.split(".")
+            expected.setdefault(".".join(parts[3:]), {})[int(parts[2])] = str(m.rank)
+    got = _rank_map(rep.to_markdown())
+    assert got == expected and set(got) == {"attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"}
+    assert got["mlp.c_proj"][1] == "7"
+
+
 def test_factorized_count_includes_bias():
     model = tiny_qwen2()
     rep = compress_model(model, CompressConfig(method="svd", ratio=0.3))

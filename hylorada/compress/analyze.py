@@ -16,6 +16,7 @@ from torch import nn
 
 from ..layers import dense_weight, in_out_features
 from .ranks import break_even_rank, rank_for_energy, rank_for_ratio
+from .targets import layer_index
 from .whiten import collect_grams, whitening_factor
 
 ENERGIES = (0.9, 0.95, 0.99)
@@ -39,10 +40,7 @@ class LayerSpectrum:
 
     @property
     def layer_index(self) -> int | None:
-        for part in reversed(self.name.split(".")):
-            if part.isdigit():
-                return int(part)
-        return None
+        return layer_index(self.name)
 
     def ranks(self, whitened: bool = False, energies=ENERGIES) -> dict[float, int]:
         s = self.whitened if whitened else self.plain

@@ -48,7 +48,7 @@ RESERVED_NAMES = (CONFIG_NAME, BASE_CONFIG_NAME, META_NAME, WEIGHTS_NAME, ".hylo
 # save / load
 # --------------------------------------------------------------------------------------------
 def save_compressed(model: nn.Module, directory: str | os.PathLike, report: CompressReport | None = None,
-                    tokenizer=None, extra: dict[str, str] | None = None, *, overwrite: bool = False) -> Path:
+                    tokenizer=None, extra: dict[str, str | bytes] | None = None, *, overwrite: bool = False) -> Path:
     """Write `directory` through hylorada.utils.io.atomic_output_dir (a temporary sibling renamed
     into place; an existing folder that is not a previous output of ours is refused, a previous
     output is replaced only with `overwrite=True`). Files:
@@ -57,7 +57,7 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, report: Comp
     - base_config.json: the base model's HF config (no quantization_config);
     - model.safetensors: the whole state dict, tied tensors stored once;
     - compress.json: format, per-layer ranks and shapes, optionally the report;
-    - the tokenizer's files when given, and `extra` text files (name -> content).
+    - the tokenizer's files when given, and `extra` files (name -> text, or bytes written as is).
     No pickle anywhere. Load with hylorada.load_model / load_compressed."""
     from safetensors.torch import save_model
 
@@ -84,8 +84,11 @@ def save_compressed(model: nn.Module, directory: str | os.PathLike, report: Comp
         save_model(model, str(tmp / WEIGHTS_NAME), metadata={"format": "pt"})
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        for fname, text in (extra or {}).items():
-            (tmp / fname).write_text(text)
+        for fname, content in (extra or {}).items():
+            if isinstance(content, bytes):
+                (tmp / fname).write_bytes(content)
+            else:
+                (tmp / fname).write_text(content)
         # last: the tokenizer may have written a config.json of its own
         (tmp / CONFIG_NAME).write_text(json.dumps(_marker_config(cfg), indent=2) + "\n")
     return directory

@@ -1,7 +1,11 @@
 """What `compress_model` did: one LayerReport per target layer and the CompressReport totals."""
 from __future__ import annotations
 
+import io
 from dataclasses import asdict, dataclass, field
+
+from ..utils.io import atomic_write_bytes
+from .targets import split_layer_name
 
 
 @dataclass
@@ -103,6 +107,7 @@ class CompressReport:
             lines.append(f"| {r.name} | {r.d_out} x {r.d_in} | {rank} | {r.break_even:.1f} | "
                          f"{r.params_before:,} | {r.params_after:,} | {100 * r.energy_kept:.2f}% | "
                          f"{note} |")
+        lines += self._rank_map_lines()
         lines += [
             "",
             "| total | params before | params after | removed | MiB before | MiB after |",
@@ -121,6 +126,86 @@ class CompressReport:
         ]
         lines += [f"- {n}" for n in self.notes]
         return "\n".join(lines) + "\n"
+
+    def _rank_map_lines(self) -> list[str]:
+        """The rank map: one row per layer kind, one column per decoder-layer index, cells the
+        rank ("dense": kept dense); [] when no layer name carries an index."""
+        rows = rank_rows(self.layers)
+        if not rows:
+            return []
+        idx = sorted({i for row in rows.values() for i in row})
+        lines = ["", "Rank per decoder layer (rows: layer kind, columns: decoder-layer index):", "",
+                 "| kind | " + " | ".join(map(str, idx)) + " |", "|---|" + "---:|" * len(idx)]
+        for label, row in rows.items():
+            cells = ["" if i not in row else "dense" if row[i].dense else str(row[i].rank) for i in idx]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        return lines
+
+    def ranks_png(self) -> bytes | None:
+        """The rank plot (plot_ranks) as PNG bytes; None when no layer name carries an index."""
+        rows = rank_rows(self.layers)
+        if not rows:
+            return None
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        fig, ax = plt.subplots(figsize=(7.5, 4.2))
+        for n, (label, row) in enumerate(rows.items()):
+            color = plt.cm.tab10(n % 10)
+            idx = sorted(row)
+            ax.plot(idx, [float("nan") if row[i].dense else row[i].rank / row[i].break_even for i in idx],
+                    "o-", color=color, ms=3, lw=1.2, label=label)
+            dense = [i for i in idx if row[i].dense]
+            ax.plot(dense, [1.0] * len(dense), "x", color=color, ms=7)
+        ax.axhline(1.0, color="k", lw=0.8)
+        ax.axhline(1 - self.target_ratio, color="k", lw=0.8, ls=":")
+        ax.set_ylim(bottom=0)
+        ax.xaxis.get_major_locator().set_params(integer=True)
+        ax.set_xlabel("decoder layer")
+        ax.set_ylabel("rank / break-even rank (share of parameters kept)")
+        ax.set_title(f"{self.method}: rank per layer (x: kept dense; dotted: all target layers, "
+                     f"{100 * (1 - self.target_ratio):.1f}% kept)", fontsize=9)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=120)
+        plt.close(fig)
+        return buf.getvalue()
+
+    def plot_ranks(self, path) -> bool:
+        """Write a PNG to `path` atomically (hylorada/utils/io.py atomic_write): x = decoder-layer
+        index, y = rank / break-even rank, one line per layer kind (rank_rows), layers kept dense
+        as x at 1. Returns False (nothing written) when no layer name carries an index.
+
+        y = k / (m·n/(m+n)) = k·(m+n)/(m·n) is the share of the layer's weights the factors keep
+        (ranks.py break_even_rank): it is comparable across shapes, 1 is where factorising stops
+        saving anything, and the uniform ratio policy puts every layer near 1 - ratio (the dotted
+        line is the share kept over all target layers). rank / min(m, n) would be the share of the
+        spectrum kept instead, which already saves nothing at 0.5 for a square matrix."""
+        png = self.ranks_png()
+        if png is None:
+            return False
+        atomic_write_bytes(path, png)
+        return True
+
+
+def rank_rows(layers: list[LayerReport]) -> dict[str, dict[int, LayerReport]]:
+    """kind label -> {decoder-layer index -> LayerReport}, rows in module order, for the layers
+    whose name carries an index (targets.py split_layer_name). A row is a name with its index cut
+    out; its label is the last name piece (q_proj), or where two rows share that (GPT-2's
+    attn.c_proj and mlp.c_proj) the part after the index, or else the name with "*" for the index."""
+    rows: dict[tuple[str, str], dict[int, LayerReport]] = {}
+    for r in layers:
+        split = split_layer_name(r.name)
+        if split is not None:
+            prefix, i, suffix = split
+            rows.setdefault((prefix, suffix), {})[i] = r
+    for pick in (lambda p, s: s.rsplit(".", 1)[-1], lambda p, s: s, lambda p, s: f"{p}.*.{s}"):
+        labels = [pick(*key) or "(block)" for key in rows]
+        if len(set(labels)) == len(labels):
+            return dict(zip(labels, rows.values()))
+    raise AssertionError("unreachable: the names are unique")
 
 
 def thin_calibration_note(thin: dict[str, tuple[int, int]], n_layers: int) -> str:

@@ -24,6 +24,24 @@ def decoder_layer_lists(model: nn.Module) -> list[str]:
             if isinstance(mod, nn.ModuleList) and len(mod) == n and name]
 
 
+def split_layer_name(name: str) -> tuple[str, int, str] | None:
+    """'model.layers.3.self_attn.q_proj' -> ('model.layers', 3, 'self_attn.q_proj'): the name cut
+    at its first all-digit piece, the decoder-layer index (target layers sit inside the decoder
+    ModuleList, see decoder_layer_lists; a later digit piece is e.g. an expert's index); None
+    when no piece is a number."""
+    parts = name.split(".")
+    for i, part in enumerate(parts):
+        if part.isdigit():
+            return ".".join(parts[:i]), int(part), ".".join(parts[i + 1:])
+    return None
+
+
+def layer_index(name: str) -> int | None:
+    """The decoder-layer index in a module name (split_layer_name), or None."""
+    split = split_layer_name(name)
+    return None if split is None else split[1]
+
+
 def find_target_layers(model: nn.Module, target_modules: list[str] | None = None
                        ) -> dict[str, nn.Module]:
     """name -> nn.Linear / Conv1D to compress, in module order.

@@ -6,8 +6,8 @@
 
 `compress_and_save`, top to bottom: calibration blocks (before any perplexity, so too little
 text is refused first) -> perplexity of the dense model -> compress_model -> perplexity ->
-recovery (optional) -> perplexity -> sizes -> save_compressed with report.md and results.json.
-The math of compression lives in hylorada/compress/; recovery adds the training
+recovery (optional) -> perplexity -> sizes -> save_compressed with report.md, ranks.png and
+results.json. The math of compression lives in hylorada/compress/; recovery adds the training
 (hylorada/train.py) with the LM or the distillation loss (hylorada/losses.py).
 """
 from __future__ import annotations
@@ -273,10 +273,13 @@ class CompressRecipe:
         return recovery
 
     def save(self, report, results: dict) -> None:
+        extra = {"report.md": report.to_markdown(),
+                 "results.json": json.dumps(evaluate.jsonable(results), indent=2, default=str)}
+        png = report.ranks_png()  # rank / break-even per decoder layer and kind
+        if png is not None:
+            extra["ranks.png"] = png
         out = save_compressed(self.model, self.s.out, report=report, tokenizer=self.tokenizer,
-                              overwrite=self.s.overwrite,
-                              extra={"report.md": report.to_markdown(),
-                                     "results.json": json.dumps(evaluate.jsonable(results), indent=2, default=str)})
+                              overwrite=self.s.overwrite, extra=extra)
         print(f"  wrote {Path(out)}")
 
 
