@@ -398,8 +398,11 @@ def test_ctrl_c_during_finetune_prints_resume_command(world, tmp_path):
             "--steps", "100000", "--save-every", "1", "--eval-every", "0", "--no-eval-before", "--no-progress",
             "--max-eval-tokens", "64", "--eval-seq-len", "32", "--out", str(out)]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    # SIGINT at its default in the child, as in a terminal: a suite started in the background by
+    # a non-interactive shell passes SIGINT down ignored, and Python then never raises Ctrl-C
     p = subprocess.Popen([sys.executable, "-m", "hylorada.cli", *args], stdout=subprocess.PIPE,
-                         stderr=subprocess.PIPE, text=True, env=env)
+                         stderr=subprocess.PIPE, text=True, env=env,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         deadline = time.time() + 90
         while not (out / "checkpoint-last" / "trainer_state.json").exists():

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import VOCAB, tiny_llama
+from conftest import VOCAB, tiny_gpt2, tiny_llama, tiny_qwen2
 from hylorada.compress import factorize
 from hylorada.compress.allocate import (allocate_by_loss, allocate_by_sensitivity,
                                         choose_options, uniform_budget)
@@ -439,3 +439,61 @@ def test_ablation_jobs_merge_and_resume_per_seed(tmp_path):
         assert [x["seed"] for x in b["recovery"]] == [0, 1]
         assert b["recovery"][0] == a["recovery"][0]  # seed 0 kept, not re-run
     assert second["args"]["seeds"] == [0, 1]
+
+
+# --------------------------------------------------------------------------------------------
+# sensitivity: replaying the blocks below a matrix (hylorada/compress/replay.py)
+# --------------------------------------------------------------------------------------------
+def _sensitivity(model, monkeypatch, replay: bool):
+    from hylorada.compress import factorize
+    monkeypatch.setattr(factorize, "REPLAY_MAX_BYTES", 4 * 2**30 if replay else 0)
+    return compress_model(model, CompressConfig(ratio=0.4, allocate="sensitivity", sensitivity_blocks=4,
+                                                calib_batch_size=2), calibration=_calib())
+
+
+@pytest.mark.parametrize("make", [lambda: tiny_llama(num_hidden_layers=3), tiny_qwen2, tiny_gpt2])
+def test_sensitivity_replay_measures_what_the_full_forward_measures(make, monkeypatch):
+    """Same ranks and the same measured losses as running every block for every measurement
+    (the reference: the replay switched off)."""
+    from hylorada.compress import allocate
+    seen = {}
+    real = allocate.allocate_by_sensitivity
+
+    def spy(specs, ratio, table, overrides, force):
+        seen.setdefault("tables", []).append(table)
+        return real(specs, ratio, table, overrides, force)
+    monkeypatch.setattr("hylorada.compress.factorize.allocate_by_sensitivity", spy)
+    fast = _sensitivity(make(), monkeypatch, replay=True)
+    slow = _sensitivity(make(), monkeypatch, replay=False)
+    t_fast, t_slow = seen["tables"]
+    assert t_fast.keys() == t_slow.keys()
+    for name in t_slow:
+        assert [k for k, _ in t_fast[name]] == [k for k, _ in t_slow[name]]
+        assert [d for _, d in t_fast[name]] == pytest.approx([d for _, d in t_slow[name]], abs=1e-6)
+    assert [r.rank for r in fast.layers] == [r.rank for r in slow.layers]
+    assert not any("replaying" in n for n in fast.notes)
+
+
+def test_sensitivity_replay_skips_the_blocks_below(monkeypatch):
+    """Block 0 runs for the recording and for its own matrices only; the last block every time."""
+    model = tiny_llama(num_hidden_layers=3)
+    calls = [0, 0, 0]
+    for i, block in enumerate(model.model.layers):
+        block.register_forward_pre_hook(lambda m, a, i=i: calls.__setitem__(i, calls[i] + 1))
+    _sensitivity(model, monkeypatch, replay=True)
+    grams, batches, per_block = 3, 2, 7 * 4  # Gram pass: 6 blocks / batch 2; the loss: 4 blocks / 2;
+    # 7 matrices x 4 candidate ranks per block. Block 0: Gram pass, recording, its own matrices
+    assert calls[0] == grams + batches + per_block * batches
+    # the last block: Gram pass, recording, the check, and every block's matrices
+    assert calls[2] == grams + batches + batches + 3 * per_block * batches
+
+
+def test_sensitivity_replay_switches_off_when_blocks_talk_outside_their_outputs(monkeypatch):
+    """A block that reads state left by a block below it cannot be replayed: the check sees the
+    loss change, measures the slow way and says so."""
+    model = tiny_llama(num_hidden_layers=3)
+    side = {"v": 0.0}
+    model.model.layers[0].register_forward_hook(lambda m, a, out: side.__setitem__("v", side["v"] + 1.0))
+    model.model.layers[2].register_forward_hook(lambda m, a, out: out + 1e-2 * side["v"])
+    rep = _sensitivity(model, monkeypatch, replay=True)
+    assert any("replaying the blocks below a matrix changed the loss" in n for n in rep.notes)

@@ -33,6 +33,7 @@ from .config import CompressConfig
 from .factorized import FactorizedLinear
 from .ranks import (LayerSpec, RankDecision, break_even_rank, decide_ranks, dense_params,
                     factorized_params, find_override, resolve_budget, round_to_multiple)
+from .replay import BlockReplay
 from .report import CompressReport, LayerReport, thin_calibration_note
 from .sequential import GroupStats, forward_groups, stream_stats
 from .svd import factors_from_svd, truncated_svd
@@ -252,6 +253,9 @@ def _decide(run: _Run, pairs, calibration) -> dict[str, RankDecision]:
     return decide_ranks(specs, "budget", value, cfg.overrides, spectra, cfg.force, cfg.budget_energy)
 
 
+REPLAY_MAX_BYTES = 4 * 2**30  # the recorded block outputs kept for the sensitivity replay
+
+
 def _sensitivity_table(run: _Run, pairs, calibration) -> dict[str, list[tuple[int, float]]]:
     """name -> [(candidate rank, calibration-loss change)] for every layer without override."""
     cfg = run.config
@@ -262,7 +266,11 @@ def _sensitivity_table(run: _Run, pairs, calibration) -> dict[str, list[tuple[in
         return calibration_loss(run.model, calibration, cfg.calib_batch_size, n_blocks,
                                 cfg.calib_seq_len)
 
-    base = loss_fn()
+    replay = BlockReplay(run.model)  # the blocks below a matrix replay their dense outputs
+    base = replay.record(loss_fn, REPLAY_MAX_BYTES)
+    if replay.enabled and not replay.check(loss_fn, base):
+        run.notes.append("sensitivity: replaying the blocks below a matrix changed the loss, so every "
+                         "measurement ran the whole model")
     table = {}
     if run.progress:
         from tqdm.auto import tqdm
@@ -271,8 +279,9 @@ def _sensitivity_table(run: _Run, pairs, calibration) -> dict[str, list[tuple[in
         if find_override(name, cfg.overrides) is not None:
             continue
         layer = run.targets[name]
-        table[name] = measure_sensitivity(run.model, name, layer, dense_weight(layer), wh,
-                                          candidate_ranks(run.specs[name], cfg.ratio), loss_fn, base)
+        with replay.below(replay.index_of(name)):
+            table[name] = measure_sensitivity(run.model, name, layer, dense_weight(layer), wh,
+                                              candidate_ranks(run.specs[name], cfg.ratio), loss_fn, base)
     return table
 
 
