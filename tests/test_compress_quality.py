@@ -497,3 +497,19 @@ def test_sensitivity_replay_switches_off_when_blocks_talk_outside_their_outputs(
     model.model.layers[2].register_forward_hook(lambda m, a, out: out + 1e-2 * side["v"])
     rep = _sensitivity(model, monkeypatch, replay=True)
     assert any("replaying the blocks below a matrix changed the loss" in n for n in rep.notes)
+
+
+def test_sensitivity_replay_stand_ins_answer_for_their_block(monkeypatch):
+    """A decoder loop that reads an attribute of each block (as some families read
+    `layer.attention_type`) still works with the stand-ins in place."""
+    model = tiny_llama(num_hidden_layers=3)
+    for block in model.model.layers:
+        block.kind_of_attention = "full"
+    real = type(model.model).forward
+
+    def forward(self, *args, **kwargs):
+        assert all(layer.kind_of_attention == "full" for layer in self.layers)
+        return real(self, *args, **kwargs)
+    monkeypatch.setattr(type(model.model), "forward", forward)
+    rep = _sensitivity(model, monkeypatch, replay=True)
+    assert not any("replaying" in n for n in rep.notes)
