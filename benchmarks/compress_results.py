@@ -44,6 +44,7 @@ from hylorada.recipes.compress import recover_compressed
 from hylorada.compress.whiten import collect_grams
 from hylorada.data import calibration_blocks
 from hylorada.loading import load_model
+from hylorada.utils.io import atomic_write_text
 
 ABLATION_ROWS = ("baseline", "allocate=loss", "allocate=sensitivity", "calibrate=sequential",
                  "update=lstsq", "recover_loss=kd", "all")
@@ -149,7 +150,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         md = render_ablation(json.loads(out.with_suffix(".json").read_text()),
                              [c for c in args.eval.split(",") if c])
-        out.write_text(md)
+        atomic_write_text(out, md)
         print(md)
         return 0
     if args.ablation and args.jobs > 1:
@@ -332,9 +333,7 @@ def row_settings(row: str, args) -> tuple[dict, str]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2, default=str) + "\n")
-    tmp.replace(path)
+    atomic_write_text(path, json.dumps(data, indent=2, default=str) + "\n")
 
 
 def ablation_row(args, dense, tokenizer, calib, blocks, ratio: float, row: str, ppl, log,
@@ -404,20 +403,17 @@ def run_ablation(args) -> int:
             "env": environment(args.device), "tf32": args.tf32, "dense": dense_ppl, "rows": list(done)}
     for ratio, row in ablation_cells(args):
         have = _find_row(data["rows"], ratio, row)
-        if have is not None and _complete(have, args):
+        if _complete(have, args):
             continue
 
-        def saved(out, ratio=ratio, row=row):
-            data["rows"] = [r for r in data["rows"] if (r["ratio"], r["row"]) != (ratio, row)] + [out]
+        def saved(out):
+            _put_row(data, out, args)
             _write_json(path, data)
         ablation_row(args, dense, tokenizer, calib, blocks, ratio, row, ppl, log, have, saved)
-    data["rows"].sort(key=lambda r: _cell_order(args).get((r["ratio"], r["row"]), 1 << 30))
     data["seconds"] = time.perf_counter() - t_start
     _write_json(path, data)
     md = render_ablation(data, corpora)
-    tmp = out.with_name(f".{out.name}.tmp")
-    tmp.write_text(md)
-    tmp.replace(out)
+    atomic_write_text(out, md)
     print(md)
     log(f"wrote {out} and {path}")
     return 0
@@ -436,9 +432,20 @@ def _find_row(rows: list[dict], ratio: float, row: str) -> dict | None:
     return next((r for r in rows if (r["ratio"], r["row"]) == (ratio, row)), None)
 
 
-def _complete(row: dict, args) -> bool:
+def _complete(row: dict | None, args) -> bool:
+    """Whether `row` (None: not run yet) holds every seed of this run."""
+    if row is None:
+        return False
     have = {x["seed"] for x in row.get("recovery", [])}
     return not args.recover_steps or set(args.seeds) <= have
+
+
+def _put_row(data: dict, row: dict, args) -> None:
+    """`row` in place of the saved row of its (ratio, row) cell; rows in run order."""
+    order = _cell_order(args)
+    key = (row["ratio"], row["row"])
+    data["rows"] = [r for r in data["rows"] if (r["ratio"], r["row"]) != key] + [row]
+    data["rows"].sort(key=lambda r: order.get((r["ratio"], r["row"]), 1 << 30))
 
 
 def _child_argv(argv: list[str], ratio: float, row: str, out: Path) -> list[str]:
@@ -477,15 +484,13 @@ def run_ablation_jobs(args) -> int:
         for key in ("args", "env", "tf32", "dense"):  # the newest child's run settings
             data[key] = child.get(key, data.get(key))
         for r in child["rows"]:
-            data["rows"] = [x for x in data["rows"] if (x["ratio"], x["row"]) != (r["ratio"], r["row"])] + [r]
-        data["rows"].sort(key=lambda r: _cell_order(args).get((r["ratio"], r["row"]), 1 << 30))
+            _put_row(data, r, args)
         _write_json(path, data)
 
     if args.resume:  # children of an interrupted run saved their seeds as they went
         for f in sorted(work.glob("cell*.json")):
             merge(f)
-    cells = [c for c in ablation_cells(args)
-             if not ((have := _find_row(data["rows"], *c)) is not None and _complete(have, args))]
+    cells = [c for c in ablation_cells(args) if not _complete(_find_row(data["rows"], *c), args)]
     def stop(signum, frame):  # a time limit: end the children, keep what they saved
         for proc, _ in running:
             proc.terminate()
@@ -505,16 +510,17 @@ def run_ablation_jobs(args) -> int:
             _write_json(child_md.with_suffix(".json"), {"rows": [prior]})
         while len(running) >= args.jobs:
             running = _reap(running, merge)
-        log = open(child_md.with_suffix(".log"), "w")  # noqa: SIM115 - closed by the child's exit
         cmd = [sys.executable, str(Path(__file__).resolve())] + _child_argv(sys.argv[1:], ratio, row, child_md)
-        print(f"[{time.perf_counter() - t0:7.1f}s] start {ratio:.0%} {row} -> {log.name}", flush=True)
-        running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), child_md.with_suffix(".json")))
+        print(f"[{time.perf_counter() - t0:7.1f}s] start {ratio:.0%} {row} -> {child_md.with_suffix('.log')}",
+              flush=True)
+        with open(child_md.with_suffix(".log"), "w") as log:  # the child keeps its own copy
+            running.append((subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT), child_md.with_suffix(".json")))
     while running:
         running = _reap(running, merge)
     data["seconds"] = time.perf_counter() - t0
     _write_json(path, data)
     md = render_ablation(data, [c for c in args.eval.split(",") if c])
-    out.write_text(md)
+    atomic_write_text(out, md)
     print(md)
     return 0
 
