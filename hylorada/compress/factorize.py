@@ -76,11 +76,11 @@ def _needs_grams(config: CompressConfig) -> bool:
 
 def _resolved(config, model: nn.Module, calibration) -> tuple[CompressConfig, str]:
     """`config` with allocate="auto" resolved (allocate.resolve_allocate) and the note saying so."""
-    if not isinstance(config, CompressConfig) or config.allocate != "auto":
-        return config, ""
+    if not isinstance(config, CompressConfig):
+        return config, ""  # _check_inputs names the error
     device = next(model.parameters()).device
-    allocate, why = resolve_allocate("auto", config.method, config.policy, calibration is not None, device)
-    return dataclasses.replace(config, allocate=allocate), why
+    allocate, why = resolve_allocate(config.allocate, config.method, config.policy, calibration is not None, device)
+    return (config if allocate == config.allocate else dataclasses.replace(config, allocate=allocate)), why
 
 
 def _check_inputs(config, calibration, grams) -> None:
