@@ -29,6 +29,7 @@ import argparse
 import json
 import statistics
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -54,6 +55,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--steps", type=int, default=20, help="speed: timed steps")
     ap.add_argument("--warmup", type=int, default=5, help="speed: untimed first steps (compilation)")
     ap.add_argument("--compile", default="yes", choices=["yes", "no"], help="speed part")
+    ap.add_argument("--compile-scope", default="blocks", choices=["blocks", "model"],
+                    help="speed part: hylorada/nn/compile.py; 'model' compiles HyLoRADA for ~200 s on an H100")
     ap.add_argument("--curve-steps", type=int, default=50)
     ap.add_argument("--curve-batch", type=int, default=8, help="curve: GLOBAL blocks per step")
     ap.add_argument("--precision", default="bf16", choices=["bf16", "no"], help="autocast of both parts")
@@ -87,7 +90,8 @@ def run_part(args, accelerator, part: str) -> dict:
                                                lora_dropout=0.0, target_modules=TARGETS))
     blocks = pattern_blocks(batch * steps, args.seq_len, SHAPES[args.shape]["vocab_size"])
     config = TrainConfig(steps=steps, batch_size=batch, lr=args.lr, warmup_steps=0, mixed_precision=args.precision,
-                         compile="no" if curve else args.compile, log_every=0, progress=False, seed=0)
+                         compile="no" if curve else args.compile,
+                         compile_scope=args.compile_scope, log_every=0, progress=False, seed=0)
     if args.device == "cuda":
         torch.cuda.reset_peak_memory_stats()
     result = train(model, blocks, None, config, accelerator=accelerator)
@@ -129,13 +133,14 @@ def main(argv=None) -> int:
     record = {"world_size": accelerator.num_processes, "args": vars(args),
               "distributed_type": str(accelerator.distributed_type)}
     for part in args.parts.split(","):
+        t0 = time.perf_counter()
         record[part] = run_part(args, accelerator, part)
-        if accelerator.is_main_process:
+        record[part]["wall_s"] = round(time.perf_counter() - t0, 1)
+        if accelerator.is_main_process:  # written after every part: a later part may time out
             print(part, json.dumps({k: v for k, v in record[part].items() if k not in ("losses", "tokens_per_s")}),
                   flush=True)
-    if accelerator.is_main_process:
-        record["versions"] = versions(str(accelerator.device))
-        atomic_write_text(args.out, json.dumps(record, indent=1, default=str) + "\n")
+            record["versions"] = versions(str(accelerator.device))
+            atomic_write_text(args.out, json.dumps(record, indent=1, default=str) + "\n")
     accelerator.wait_for_everyone()
     accelerator.end_training()
     return 0

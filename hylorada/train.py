@@ -22,8 +22,10 @@ per micro-batch; uneven splits are allowed, ``batch_size >= world_size`` is requ
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -132,7 +134,9 @@ def _resolve_compile(mode: str, backend: str, device: torch.device) -> bool:
 
 def _probe_unused(model: nn.Module, blocks: dict[str, torch.Tensor], device: torch.device,
                   trainable: list[nn.Parameter]) -> bool:
-    """One forward/backward on one block (RNG untouched): do some trainable params get no grad?"""
+    """One forward/backward on one block (RNG untouched): do some trainable params get no grad?
+    Moves `model` to `device` first (the trainer would next): the probe runs where training will."""
+    model.to(device)
     devices = [torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices):
         out = logits_of(model(input_ids=blocks["input_ids"][:1].to(device),
@@ -457,8 +461,15 @@ class Trainer:
         r.mean_tokens_per_s = run_tokens / r.train_time_s if r.train_time_s > 0 else 0.0
         self.accelerator.wait_for_everyone()
         if self.owns_accelerator and self.world > 1:
-            self.accelerator.end_training()
+            _destroy_process_group_at_exit()
         return r
+
+
+@functools.cache
+def _destroy_process_group_at_exit() -> None:
+    """Leave the process group up for the process's next train() (the compression recovery
+    trains twice; accelerate's state outlives one run) and destroy it once, at exit."""
+    atexit.register(lambda: torch.distributed.is_initialized() and torch.distributed.destroy_process_group())
 
 
 def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
@@ -469,7 +480,8 @@ def train(model: nn.Module, train_blocks: dict[str, torch.Tensor],
 
     train_blocks / valid_blocks: dicts of [n, L] tensors input_ids, attention_mask, labels
     (hylorada.data.pack_blocks). `accelerator`: an accelerate.Accelerator (created when None;
-    a created one is ended at the end of a distributed run -- pass your own to keep it).
+    a created one shares accelerate's process state with the next train() of the process; its
+    process group is destroyed at exit).
     `callback(step, metrics)` runs on every process after each step (after eval and
     checkpointing); raising in it stops the run (e.g. optuna pruning).
     Raises NonFiniteLossError before the optimizer step of a step whose loss is not finite.

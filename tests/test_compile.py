@@ -136,3 +136,30 @@ def test_training_steps_do_not_recompile(method):
     dynamo.reset()
     assert unique == 1, f"{unique} graphs compiled in 3 steps"
     assert all(not torch.equal(a, b) for a, b in zip(before, model.trainable_parameters()))
+
+
+def test_blocks_scope_inside_ddp(tmp_path):
+    """compile_forward(DDP(model), "blocks") compiles the decoder blocks inside the DDP wrapper
+    (not the wrapper whole: issue 16's compiled 2-GPU run) and equals the eager model, loss,
+    logits and gradients (one gloo process: DDP's reducer runs, the all-reduce is the identity)."""
+    import torch.distributed as dist
+    from torch.nn.parallel import DistributedDataParallel
+
+    from hylorada.nn.compile import compile_forward
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model, ids = _wrapped("hylorada", 0.0, True, base=tiny_llama(num_hidden_layers=2)), _ids()
+        loss, logits, grads = _forward_backward(model, model, ids)
+        ddp = DistributedDataParallel(model)
+        run = compile_forward(ddp, "blocks", backend="aot_eager", dynamic=False)
+        compiled = [m for m in run.modules() if isinstance(m, dynamo.eval_frame.OptimizedModule)]
+        assert isinstance(run, DistributedDataParallel) and len(compiled) == 2  # one per block
+        c_loss, c_logits, c_grads = _forward_backward(model, run, ids)
+    finally:
+        dist.destroy_process_group()
+        dynamo.reset()
+    torch.testing.assert_close(c_logits, logits, **TOL)
+    torch.testing.assert_close(c_loss, loss, **TOL)
+    for name, g in grads.items():
+        torch.testing.assert_close(c_grads[name], g, **TOL, msg=lambda m: f"{name}: {m}")

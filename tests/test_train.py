@@ -407,13 +407,15 @@ def test_every_train_config_field_has_help():
 
 # ---- distributed --------------------------------------------------------------------------------
 @pytest.mark.dist
-def test_two_processes_match_one(tmp_path):
-    """torchrun --nproc_per_node=2 (gloo, CPU) gives the adapter of one process, same global batch."""
+@pytest.mark.parametrize("scope", [None, "blocks"])
+def test_two_processes_match_one(tmp_path, scope):
+    """torchrun --nproc_per_node=2 (gloo, CPU) gives the adapter of one eager process, same global
+    batch; also with the training forward compiled block by block inside the DDP wrapper."""
     out2 = tmp_path / "two"
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           str(HERE / "dist_worker.py"), str(out2)]
+           str(HERE / "dist_worker.py"), str(out2)] + ([scope] if scope else [])
     if torch.cuda.is_available():  # one GPU here at most: run both on the CPU (gloo)
         env["CUDA_VISIBLE_DEVICES"] = ""
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
@@ -421,10 +423,11 @@ def test_two_processes_match_one(tmp_path):
     two = json.loads((out2 / "result.json").read_text())
     assert two["world_size"] == 2
     ad_two = load_file(str(out2 / CHECKPOINT_LAST / "adapter.safetensors"))
+    assert two["compiled"] is bool(scope)
 
     if env.get("CUDA_VISIBLE_DEVICES") == "":
         out1 = tmp_path / "one"
-        proc = subprocess.run(cmd[:4] + ["--nproc_per_node=1"] + cmd[5:-1] + [str(out1)], env=env,
+        proc = subprocess.run(cmd[:4] + ["--nproc_per_node=1", str(HERE / "dist_worker.py"), str(out1)], env=env,
                               capture_output=True, text=True, timeout=300)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         one = json.loads((out1 / "result.json").read_text())

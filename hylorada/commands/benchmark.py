@@ -55,6 +55,7 @@ def run(args: argparse.Namespace) -> int:
 
     from ..recipes.benchmark import list_cells, run_benchmark
     from .checks import benchmark_config
+    from ..utils.processes import is_main_process
     from .load import set_threads
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
@@ -68,6 +69,8 @@ def run(args: argparse.Namespace) -> int:
     command = "hylorada " + shlex.join(sys.argv[1:]) if sys.argv[1:2] == ["benchmark"] else None
     res = run_benchmark(cfg, out, only=args.only, report_only=args.report_only,
                         progress=not args.no_progress, command=command)
+    if not is_main_process():  # launched on N processes: the main one writes and prints
+        return 0
     with open(f"{out}/results.md") as fh:
         print(f"\n{out}/results.md:\n\n{fh.read()}")
     print(f"wrote {out}/results.md, results.json, methods.png, frontier.png")

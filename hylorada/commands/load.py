@@ -16,6 +16,7 @@ import time
 from pathlib import Path
 
 from ..errors import HyloradaError, UsageError
+from ..utils.processes import is_main_process, process_device
 from .checks import check_device, check_dtype, check_positions, one_line
 
 
@@ -130,6 +131,11 @@ def load_model_checked(name: str, dtype: str = "float32", device: str = "cpu", f
 
     check_dtype(dtype)
     check_device(device)
+    device = process_device(device)  # launched on N GPUs: "cuda" is this process's own
+    if not is_main_process():  # launched on N processes: one "Loading weights" bar
+        import transformers
+
+        transformers.utils.logging.disable_progress_bar()
     path = Path(name).expanduser()
     hub = name not in MODEL_ALIASES and is_hub_name(name)
     if not hub:

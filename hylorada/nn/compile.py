@@ -8,8 +8,10 @@ left uncompiled (evaluation, merging and saving see the plain modules and the sa
   torch.compile; the blocks share one compiled graph (their parameters are graph inputs), so
   compile time is that of one block, not of the whole depth. Everything else (embeddings, final
   norm, head, loss) runs eagerly. The returned module is a shallow copy down to those lists,
-  sharing every parameter and buffer with `model`. Used when the model has such a list and is
-  not wrapped for DDP, and only when the blocks are alike (the same module types, parameter
+  sharing every parameter and buffer with `model`. A DDP wrapper is copied the same way: its
+  forward (bucketing, gradient hooks on the shared parameters) runs eagerly around the compiled
+  blocks, whose backward produces each block's gradients as one unit, as in eager. Used when the
+  model has such a list, and only when the blocks are alike (the same module types, parameter
   names, shapes and dtypes): blocks that differ (ranks allocated per layer, an adapter left out
   of one layer) would each compile a graph of their own and pass dynamo's recompile limit, so
   such a model is compiled whole instead. (accelerate's compile_regions also compiles the other children one by
@@ -47,13 +49,12 @@ def _signature(block: nn.Module) -> tuple:
 def compile_forward(model: nn.Module, scope: str = "model", **compile_kwargs) -> nn.Module:
     """The module to call for compiled forwards (see the module docstring); `compile_kwargs`
     go to torch.compile (backend, dynamic, mode, ...). Falls back to scope "model" when the
-    model has no repeated blocks, when its blocks are not alike (`blocks_alike`), or when it is
-    a DDP wrapper (its forward must run whole); the fallback is logged."""
+    model has no repeated blocks or when its blocks are not alike (`blocks_alike`); the fallback
+    is logged. A DDP wrapper keeps scope "blocks" (module doc)."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
-    is_ddp = isinstance(model, nn.parallel.DistributedDataParallel)
     if scope == "blocks":
-        why = ("it is wrapped for DDP" if is_ddp else "it has no repeated blocks" if not has_repeated_blocks(model)
+        why = ("it has no repeated blocks" if not has_repeated_blocks(model)
                else "its blocks differ in shape (e.g. ranks per layer)" if not blocks_alike(model) else None)
         if why is None:
             return _regional(model, compile_kwargs)

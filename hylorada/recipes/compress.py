@@ -9,6 +9,9 @@ text is refused first) -> perplexity of the dense model -> compress_model -> per
 recovery (optional) -> perplexity -> sizes -> save_compressed with report.md, ranks.png and
 results.json. The math of compression lives in hylorada/compress/; recovery adds the training
 (hylorada/train.py) with the LM or the distillation loss (hylorada/losses.py).
+Launched on N processes (`accelerate launch`, `torchrun`), every process compresses and
+measures the same model, the recovery trains with DDP (each process a share of every batch),
+and only the main process prints and writes (hylorada/utils/processes.py).
 """
 from __future__ import annotations
 
@@ -34,6 +37,7 @@ from ..losses import check_loss
 from ..model import HyLoRADAModel
 from ..train import COMPILE, TrainConfig, train
 from ..utils.env import environment
+from ..utils.processes import is_main_process, say
 
 __all__ = ["recover_compressed", "compress_and_save", "CompressSettings", "RECOVER_SCHEDULES", "RECOVER_TARGETS"]
 
@@ -244,16 +248,17 @@ class CompressRecipe:
             return
         t = time.perf_counter()
         self.ppl[stage] = evaluate_corpora(self.model, self.tokenizer, s.eval, s.eval_seq_len, s.max_eval_tokens,
-                                           s.eval_batch_size, s.progress, self.window_prefix)
+                                           s.eval_batch_size, s.progress and is_main_process(), self.window_prefix)
         self.timings[f"eval_{stage}_s"] = time.perf_counter() - t
-        print(f"  perplexity {stage:>10}: " + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in self.ppl[stage].items()))
+        say(f"  perplexity {stage:>10}: " + ", ".join(f"{k} {v['ppl']:.3f}" for k, v in self.ppl[stage].items()))
 
     def compress(self, calibration):
         t = time.perf_counter()
-        report = compress_model(self.model, self.config, calibration=calibration, progress=self.s.progress)
+        report = compress_model(self.model, self.config, calibration=calibration,
+                                progress=self.s.progress and is_main_process())
         self.timings["compress_s"] = time.perf_counter() - t
-        print(report.to_markdown())
-        print(report.summary())
+        say(report.to_markdown())
+        say(report.summary())
         return report
 
     def recover(self, teacher) -> dict:
@@ -267,7 +272,7 @@ class CompressRecipe:
             train_config={"batch_size": s.recover_batch_size, "lr": s.recover_lr, "progress": s.progress,
                           "seed": s.seed, "compile": s.recover_compile})
         self.timings["recover_s"] = time.perf_counter() - t
-        print(f"  recovery: {recovery['method']} r={recovery['lora_rank']}, {s.recover_steps} steps "
+        say(f"  recovery: {recovery['method']} r={recovery['lora_rank']}, {s.recover_steps} steps "
               f"({recovery['schedule']}), size {recovery['bytes_before'] / 2**20:.1f} -> "
               f"{recovery['bytes_after'] / 2**20:.1f} MiB")
         return recovery
@@ -280,7 +285,7 @@ class CompressRecipe:
             extra["ranks.png"] = png
         out = save_compressed(self.model, self.s.out, report=report, tokenizer=self.tokenizer,
                               overwrite=self.s.overwrite, extra=extra)
-        print(f"  wrote {Path(out)}")
+        say(f"  wrote {Path(out)}")
 
 
 def compress_and_save(model, tokenizer, config: CompressConfig, settings: CompressSettings, *,
@@ -299,12 +304,12 @@ def compress_and_save(model, tokenizer, config: CompressConfig, settings: Compre
         recovery = recipe.recover(teacher)
         recipe.measure("recovered")
     size_after = evaluate.model_size(model).n_bytes
-    print(f"  model size: {size_dense / 2**20:.1f} MiB dense -> {size_after / 2**20:.1f} MiB")
+    say(f"  model size: {size_dense / 2**20:.1f} MiB dense -> {size_after / 2**20:.1f} MiB")
     results = {"command": "compress", "argv": settings.record.get("argv"), "args": settings.record.get("args"),
                "report": report.to_dict(), "window_prefix": recipe.window_prefix, "perplexity": recipe.ppl,
                "recovery": recovery, "size_bytes": {"dense": size_dense, "final": size_after},
                "timings": recipe.timings, "env": environment(str(next(model.parameters()).device))}
-    if settings.out:
+    if settings.out and is_main_process():  # launched on N processes: every one trains, the main one writes
         recipe.save(report, results)
     return results
 

@@ -162,8 +162,10 @@ def _provenance(cfg: BenchConfig, out: Path, cells: list[Cell]) -> tuple[dict, d
 
 
 def write_report(cfg: BenchConfig, out: Path, cells: list[Cell], results: dict[str, dict], rows: list[str],
-                 budget: dict[str, Any], command: str | None = None, plots: bool = True) -> dict[str, Any]:
-    """results.json, results.md (and with `plots` methods.png and frontier.png) from the stored cells."""
+                 budget: dict[str, Any], command: str | None = None, plots: bool = True,
+                 write: bool = True) -> dict[str, Any]:
+    """results.json, results.md (and with `plots` methods.png and frontier.png) from the stored
+    cells; returns results.json's dict, written only when `write`."""
     agg = aggregate(cfg, cells, results, rows, budget)
     env, prov, cell_env = _provenance(cfg, out, cells)
     res = {
@@ -179,6 +181,8 @@ def write_report(cfg: BenchConfig, out: Path, cells: list[Cell], results: dict[s
         **agg,
     }
     res = jsonable(res)
+    if not write:
+        return res
     atomic_write_text(out / "results.json", json.dumps(res, indent=1) + "\n")
     atomic_write_text(out / "results.md", render_markdown(res))
     try:

@@ -5,6 +5,8 @@ Resume: a finished cell is written atomically to `<out>/cells/<cell id>.json` wi
 rerun skips every cell whose file has the current key, and `only` (glob patterns on cell ids)
 runs a subset. After every invocation results.json, results.md and the plots are rebuilt from
 all the stored cells of the current plan (report.py); cells still missing are listed as pending.
+Launched on N processes, every process computes every cell (its trainings with DDP, a share of
+each batch per process) and only the main one writes and prints (hylorada/utils/processes.py).
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from torch import nn
 from ...evaluate import jsonable
 from ...utils.env import environment, now
 from ...utils.io import atomic_write_text, claim_work_dir
+from ...utils.processes import is_main_process, process_device
 from ...utils.memory import PeakMemory
 from .budget import compute_budget, print_budget
 from .cells import Cell, adaptation_rows, cell_path, load_cell, num, plan_cells, select_cells
@@ -38,7 +41,7 @@ class CellRunner:
     def __init__(self, cfg: BenchConfig, progress: bool = True) -> None:
         self.cfg = cfg
         self.progress = progress
-        self.device = torch.device(cfg.device)
+        self.device = torch.device(process_device(cfg.device))
         self._tokenizer = None
         self._cache: dict[Any, Any] = {}
 
@@ -285,8 +288,11 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, *,
     """
     validate_config(cfg)
     out = Path(out_dir) if out_dir is not None else Path("runs") / f"benchmark-{cfg.preset}"
-    claim_work_dir(out, "benchmark")  # new/empty or ours; a foreign folder is refused (UsageError)
-    (out / "cells").mkdir(parents=True, exist_ok=True)
+    main = is_main_process()
+    progress = progress and main
+    if main:
+        claim_work_dir(out, "benchmark")  # new/empty or ours; a foreign folder is refused (UsageError)
+        (out / "cells").mkdir(parents=True, exist_ok=True)
     rows = adaptation_rows(cfg, with_peft)
     if cfg.peft and not any(r in rows for r in PEFT_ROWS):
         log.warning("peft is not installed: the peft reference rows are left out")
@@ -298,16 +304,16 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, *,
     todo = [] if report_only else [c for c in select_cells(cells, only) if c.id not in results]
     if todo:
         runner = cell_runner if cell_runner is not None else CellRunner(cfg, progress=progress)
-        for _ in _run_cells(todo, runner, out, results, cfg.device, command, progress):
+        for _ in _run_cells(todo, runner, out, results, cfg.device, command, progress, main):
             # the tables after every cell (plots at the end), so an interrupted run has them
-            write_report(cfg, out, cells, results, rows, budget, command, plots=False)
-    return write_report(cfg, out, cells, results, rows, budget, command, plots=plots)
+            write_report(cfg, out, cells, results, rows, budget, command, plots=False, write=main)
+    return write_report(cfg, out, cells, results, rows, budget, command, plots=plots, write=main)
 
 
 def _run_cells(todo: list[Cell], runner: Callable[[Cell], dict], out: Path, results: dict[str, dict],
-               device: str, command: str | None, progress: bool) -> Iterator[Cell]:
-    """Run each cell, store it atomically with its key and environment, add it to `results`,
-    then yield it."""
+               device: str, command: str | None, progress: bool, write: bool = True) -> Iterator[Cell]:
+    """Run each cell, store it atomically with its key and environment (when `write`), add it to
+    `results`, then yield it."""
     env = environment(device)
     bar = None
     if progress:
@@ -325,7 +331,8 @@ def _run_cells(todo: list[Cell], runner: Callable[[Cell], dict], out: Path, resu
                       "device": env["device"], "device_name": env["device_name"],
                       "git_commit": env["git_commit"], "git_dirty": env["git_dirty"], "command": command,
                       "versions": env["versions"]}
-            atomic_write_text(cell_path(out, c), json.dumps(record, indent=1) + "\n")
+            if write:
+                atomic_write_text(cell_path(out, c), json.dumps(record, indent=1) + "\n")
             results[c.id] = record["result"]
             if bar is not None:
                 bar.update(1)
