@@ -19,8 +19,9 @@ Two parts (--parts):
 
 Model: a random-weight Llama of `--shape` (benchmarks/speed_common.py: tinyllama = TinyLlama-1.1B,
 llama7b, tiny), weights in `--dtype`, adapters `--method` r=`--rank` alpha=2r on the seven
-projections. Data: random blocks, each a random 8-token pattern repeated (learnable by copying,
-so the loss curve falls). CPU smoke (2 gloo processes):
+projections. Data: random blocks, each a random 8-token pattern repeated (learnable by copying;
+on random TinyLlama weights at lr 1e-4 the 50-step curve moves by about 1%: docs/DISTRIBUTED.md).
+`--compile-scope blocks` (default) compiles each decoder block inside the DDP wrapper. CPU smoke (2 gloo processes):
     torchrun --standalone --nproc_per_node 2 benchmarks/dist_speed.py --shape tiny --device cpu --smoke --out s.json
 """
 from __future__ import annotations

@@ -153,15 +153,18 @@ def test_two_process_compress_recovery_equals_one_process(reference):
     outs = {n: root / f"compress-{n}" for n in ("one", "accelerate")}
     printed = {n: run_cli(n, root, out, args) for n, out in outs.items()}
     assert files_under(outs["accelerate"]) == files_under(outs["one"])
-    assert printed["accelerate"].count("wrote ") == 1 and printed["accelerate"].count("perplexity recovered") == 0
-    assert printed["accelerate"].count("perplexity  recovered") == 1
+    assert printed["accelerate"].count("wrote ") == 1 and printed["accelerate"].count("perplexity  recovered") == 1
     one, two = (json.loads((o / "results.json").read_text()) for o in outs.values())
     for stage in ("dense", "compressed"):
         assert two["perplexity"][stage][corpus]["ppl"] == pytest.approx(one["perplexity"][stage][corpus]["ppl"], rel=1e-6)
-    for a, b in zip(one["recovery"]["phases"], two["recovery"]["phases"], strict=True):
-        assert (b["first_loss"], b["last_loss"]) == pytest.approx((a["first_loss"], a["last_loss"]), rel=1e-5)
     # Adam's first updates are about +-lr whatever the gradient's size: rounding in the two-way
-    # gradient sum flips a few near-zero entries (measured 6e-6 relative on the perplexity)
+    # gradient sum flips a few near-zero entries. The first loss (no update yet) is exact; after
+    # that the losses and the perplexity differ by ~1e-5 relative (measured on the CPU 6e-6 on the
+    # perplexity; on 2 H200s 1.2e-5 on the second phase's loss: docs/DISTRIBUTED.md)
+    phases = list(zip(one["recovery"]["phases"], two["recovery"]["phases"], strict=True))
+    assert phases[0][1]["first_loss"] == pytest.approx(phases[0][0]["first_loss"], rel=1e-6)
+    for a, b in phases:
+        assert (b["first_loss"], b["last_loss"]) == pytest.approx((a["first_loss"], a["last_loss"]), rel=1e-4)
     rec_one, rec_two = one["perplexity"]["recovered"][corpus]["ppl"], two["perplexity"]["recovered"][corpus]["ppl"]
     assert rec_two == pytest.approx(rec_one, rel=1e-4) and rec_one != one["perplexity"]["compressed"][corpus]["ppl"]
     w1, w2 = (load_file(str(o / "model.safetensors")) for o in outs.values())
