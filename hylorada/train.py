@@ -147,15 +147,23 @@ def _probe_unused(model: nn.Module, blocks: dict[str, torch.Tensor], device: tor
     return unused
 
 
+def is_fsdp(module: nn.Module) -> bool:
+    """True for a module wrapped by torch's FullyShardedDataParallel (accelerate's FSDP1)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
+
+
 def _accelerator(accelerator, config: TrainConfig, model: nn.Module, blocks: dict[str, torch.Tensor],
                  trainable: list[nn.Parameter]):
     """`accelerator`, or a new one in fp32 (autocast is the trainer's). DDP's find_unused_parameters
     is the config's, or probed when None on a distributed run; an accelerator's own is kept."""
     from accelerate import Accelerator, PartialState
-    from accelerate.utils import DistributedDataParallelKwargs
+    from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
     state = accelerator if accelerator is not None else PartialState(cpu=not torch.cuda.is_available())
-    needs_handler = state.num_processes > 1 and getattr(accelerator, "ddp_handler", None) is None
+    needs_handler = (state.num_processes > 1 and getattr(accelerator, "ddp_handler", None) is None
+                     and state.distributed_type != DistributedType.FSDP)  # FSDP has no unused-parameter mode
     unused = config.find_unused_parameters
     if unused is None and needs_handler:
         unused = _probe_unused(model, blocks, state.device, trainable)
@@ -265,6 +273,11 @@ class Trainer:
 
     def _setup_forward(self) -> None:
         self.ddp_model = self.accelerator.prepare_model(self.model)
+        self.fsdp = is_fsdp(self.ddp_model)
+        if self.fsdp and self.out_dir is not None:
+            raise UsageError("FSDP: checkpoints and saved adapters need the sharded parameters gathered first, "
+                             "which is not built yet (docs/DISTRIBUTED.md); train with DDP "
+                             "(docs/accelerate/ddp.yaml), or without TrainConfig.out_dir")
         if self.world > 1 and self.is_main:
             logger.info("DDP over %d processes (%s), find_unused_parameters=%s", self.world,
                         self.accelerator.distributed_type,
@@ -287,9 +300,10 @@ class Trainer:
     def _autocast(self):
         return torch.autocast(device_type=self.device.type, dtype=torch.bfloat16, enabled=self.use_bf16)
 
-    def _shard(self, idx: torch.Tensor, blocks: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """This process's part of the micro-batch `idx` (tensor_split: uneven splits allowed)."""
-        mine = torch.tensor_split(idx, self.world)[self.rank]
+    def _shard(self, idx: torch.Tensor, blocks: dict[str, torch.Tensor], whole: bool = False) -> dict[str, torch.Tensor]:
+        """This process's part of the micro-batch `idx` (tensor_split: uneven splits allowed), or
+        all of it (`whole`)."""
+        mine = idx if whole else torch.tensor_split(idx, self.world)[self.rank]
         return {k: blocks[k][mine].to(self.device, non_blocking=True) for k in ("input_ids", "attention_mask", "labels")}
 
     def _logits(self, module: nn.Module, mb: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -319,7 +333,10 @@ class Trainer:
         if not math.isfinite(loss):
             raise NonFiniteLossError(self.step + 1, loss, "loss", self.last_good)
         clip = self.config.max_grad_norm or float("inf")  # None or 0: no clipping, norm still measured
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, clip))
+        if self.fsdp:  # each rank holds the gradients of its shard: FSDP's norm is the global one
+            grad_norm = float(self.ddp_model.clip_grad_norm_(clip))
+        else:
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(self.trainable, clip))
         if not math.isfinite(grad_norm):
             raise NonFiniteLossError(self.step + 1, grad_norm, "gradient norm", self.last_good)
         return grad_norm
@@ -361,7 +378,9 @@ class Trainer:
 
     @torch.no_grad()
     def evaluate(self) -> float:
-        """Mean LM loss per target token over the valid blocks (eager, eval mode, all processes)."""
+        """Mean LM loss per target token over the valid blocks (eager, eval mode, all processes).
+        Under FSDP every rank runs every batch through the wrapped model (its forwards gather the
+        shards, so the ranks must call it in step); otherwise each process takes its share."""
         c = self.config
         self.model.eval()
         n_valid = int(self.valid_blocks["input_ids"].shape[0])
@@ -369,13 +388,15 @@ class Trainer:
         if c.eval_batches is not None:
             n_batches = min(n_batches, c.eval_batches)
         total = torch.zeros(2, dtype=torch.float64, device=self.device)
+        module = self.ddp_model if self.fsdp else self.model
         for b in range(n_batches):
-            mb = self._shard(torch.arange(b * c.batch_size, min(n_valid, (b + 1) * c.batch_size)), self.valid_blocks)
+            idx = torch.arange(b * c.batch_size, min(n_valid, (b + 1) * c.batch_size))
+            mb = self._shard(idx, self.valid_blocks, whole=self.fsdp)
             if mb["input_ids"].shape[0] == 0:
                 continue
-            s, n = causal_lm_loss_sum(self._logits(self.model, mb), mb["labels"], mb["attention_mask"])
+            s, n = causal_lm_loss_sum(self._logits(module, mb), mb["labels"], mb["attention_mask"])
             total += torch.stack([s.double(), torch.tensor(float(n), dtype=torch.float64, device=self.device)])
-        if self.world > 1:
+        if self.world > 1 and not self.fsdp:
             total = self.accelerator.reduce(total, reduction="sum")
         self.model.train()
         return float(total[0] / total[1].clamp_min(1))

@@ -3,6 +3,10 @@
 `setup(out_dir)` is shared with the single-process reference so both use the same model,
 data and TrainConfig. Usage: torchrun --nproc_per_node=2 tests/dist_worker.py OUT_DIR [SCOPE]; with SCOPE ("blocks" or
 "model") the training forward is compiled in that scope (backend aot_eager: the CPU reference).
+SCOPE "fsdp": eager, the model wrapped by torch's FSDP1 as docs/accelerate/fsdp.yaml asks (a unit
+per decoder layer, use_orig_params, FULL_SHARD), by hand (`wrap_fsdp`: accelerate refuses FSDP
+without a GPU), no checkpoints (not supported under FSDP yet); rank 0 writes OUT_DIR/result.json and every
+rank OUT_DIR/result-RANK.json.
 """
 from __future__ import annotations
 
@@ -39,10 +43,31 @@ def setup(out_dir: str, scope: str | None = None):
     return model, blocks, valid, config
 
 
+def wrap_fsdp(accelerator) -> None:
+    """accelerator.prepare_model wraps with FSDP1 the way accelerate does under fsdp.yaml (on the CPU)."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    accelerator.prepare_model = lambda m: FullyShardedDataParallel(
+        m, device_id=torch.device("cpu"), use_orig_params=True, auto_wrap_policy=ModuleWrapPolicy({LlamaDecoderLayer}))
+
+
 def main() -> None:
-    out = sys.argv[1]
-    model, blocks, valid, config = setup(out, sys.argv[2] if len(sys.argv) > 2 else None)
-    result = train(model, blocks, valid, config)  # ends the (self-created) accelerator at the end
+    out, scope = sys.argv[1], (sys.argv[2] if len(sys.argv) > 2 else None)
+    if scope == "fsdp":
+        from accelerate import Accelerator
+
+        model, blocks, valid, config = setup(None)
+        accelerator = Accelerator(cpu=True, mixed_precision="no")
+        wrap_fsdp(accelerator)
+        result = train(model, blocks, valid, config, accelerator=accelerator)
+        Path(out).mkdir(parents=True, exist_ok=True)
+        rank = int(os.environ.get("RANK", "0"))  # every rank's view (each holds its own shards)
+        (Path(out) / f"result-{rank}.json").write_text(json.dumps(result.to_dict()))
+    else:
+        model, blocks, valid, config = setup(out, scope)
+        result = train(model, blocks, valid, config)
     if int(os.environ.get("RANK", "0")) == 0:
         (Path(out) / "result.json").write_text(json.dumps(result.to_dict()))
 

@@ -163,3 +163,22 @@ def test_blocks_scope_inside_ddp(tmp_path):
     torch.testing.assert_close(c_loss, loss, **TOL)
     for name, g in grads.items():
         torch.testing.assert_close(c_grads[name], g, **TOL, msg=lambda m: f"{name}: {m}")
+
+
+def test_blocks_scope_falls_back_to_model_under_fsdp(tmp_path):
+    """An FSDP-wrapped model is compiled whole: a shallow copy of FSDP units would share their
+    internal state (one gloo process, FSDP1 on the CPU)."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    from hylorada.nn.compile import compile_forward
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'pg'}", rank=0, world_size=1)
+    try:
+        model = _wrapped("hylorada", 0.0, True, base=tiny_llama(num_hidden_layers=2))
+        fsdp = FullyShardedDataParallel(model, device_id=torch.device("cpu"), use_orig_params=True)
+        run = compile_forward(fsdp, "blocks", backend="aot_eager")
+        assert isinstance(run, dynamo.eval_frame.OptimizedModule) and run._orig_mod is fsdp
+    finally:
+        dist.destroy_process_group()
+        dynamo.reset()

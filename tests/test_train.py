@@ -447,6 +447,50 @@ def test_two_processes_match_one(tmp_path, scope):
     assert max_diff(ad_two, adapter(model)) < 1e-4
 
 
+def test_fsdp_two_processes_match_one(tmp_path):
+    """FSDP1 over 2 gloo processes (a unit per decoder layer, frozen base and trainable adapters in
+    one unit, as docs/accelerate/fsdp.yaml; tests/dist_worker.py wraps by hand) gives the losses,
+    the global gradient norms (each rank holds only its shard's gradients) and the validation
+    losses (every rank runs every batch through the wrapped model) of one eager process."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", CUDA_VISIBLE_DEVICES="", PYTHONPATH=os.pathsep.join(
+        [str(HERE), str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+    run = [sys.executable, "-m", "torch.distributed.run", "--standalone"]
+    worker = str(HERE / "dist_worker.py")
+    results = {}
+    for name, extra in (("fsdp", ["--nproc_per_node=2", worker, str(tmp_path / "fsdp"), "fsdp"]),
+                        ("one", ["--nproc_per_node=1", worker, str(tmp_path / "one")])):
+        proc = subprocess.run(run + extra, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        results[name] = json.loads((tmp_path / name / "result.json").read_text())
+    fsdp, one = results["fsdp"], results["one"]
+    assert fsdp["world_size"] == 2 and len(fsdp["losses"]) == 4
+    assert fsdp["losses"] == pytest.approx(one["losses"], rel=1e-5)
+    for rank in (0, 1):  # the norm that clips is the global one on every rank, whatever its shards hold
+        seen = json.loads((tmp_path / "fsdp" / f"result-{rank}.json").read_text())["grad_norms"]
+        assert seen == pytest.approx(one["grad_norms"], rel=1e-4), rank
+    assert [v["loss"] for v in fsdp["valid_losses"]] == pytest.approx([v["loss"] for v in one["valid_losses"]], rel=1e-5)
+
+
+def test_fsdp_refuses_checkpoints(tmp_path):
+    """Under FSDP the adapters are shards: a run that would write checkpoints stops at once."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    import hylorada.train as tr
+
+    class FakeFSDP(FullyShardedDataParallel):
+        def __init__(self, module):  # an FSDP instance for isinstance, no process group
+            torch.nn.Module.__init__(self)
+
+    model, blocks = make_model(dropout=0.0), make_blocks(8, 16, seed=1)
+    with pytest.MonkeyPatch.context() as mp:
+        from accelerate import Accelerator
+
+        mp.setattr(Accelerator, "prepare_model", lambda self, m: FakeFSDP(m))
+        with pytest.raises(tr.UsageError, match="FSDP"):
+            train(model, blocks, None, cfg(out_dir=str(tmp_path / "run"), steps=1, batch_size=2))
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_autocast_and_resume(tmp_path):
     """On CUDA, mixed_precision='auto' trains under bf16 autocast (fp32 adapters) and resumes exactly."""

@@ -49,12 +49,16 @@ def _signature(block: nn.Module) -> tuple:
 def compile_forward(model: nn.Module, scope: str = "model", **compile_kwargs) -> nn.Module:
     """The module to call for compiled forwards (see the module docstring); `compile_kwargs`
     go to torch.compile (backend, dynamic, mode, ...). Falls back to scope "model" when the
-    model has no repeated blocks or when its blocks are not alike (`blocks_alike`); the fallback
-    is logged. A DDP wrapper keeps scope "blocks" (module doc)."""
+    model has no repeated blocks, when its blocks are not alike (`blocks_alike`), or when it is
+    wrapped by FSDP (its units' state would be shared by shallow copies); the fallback is
+    logged. A DDP wrapper keeps scope "blocks" (module doc)."""
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "blocks":
-        why = ("it has no repeated blocks" if not has_repeated_blocks(model)
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        fsdp = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+        why = ("it is wrapped by FSDP" if fsdp else "it has no repeated blocks" if not has_repeated_blocks(model)
                else "its blocks differ in shape (e.g. ranks per layer)" if not blocks_alike(model) else None)
         if why is None:
             return _regional(model, compile_kwargs)
