@@ -216,8 +216,15 @@ class Trainer:
         if c.batch_size < self.world:
             raise UsageError(f"TrainConfig.batch_size={c.batch_size} is the GLOBAL micro-batch: it must be "
                              f">= the number of processes ({self.world})")
+        self._refuse_fsdp_out_dir(accelerator.distributed_type == "FSDP")  # before any work
         self.use_bf16 = _resolve_precision(c.mixed_precision, self.device)
         self.compiled = _resolve_compile(c.compile, c.compile_backend, self.device)
+
+    def _refuse_fsdp_out_dir(self, fsdp: bool) -> None:
+        if fsdp and self.out_dir is not None:
+            raise UsageError("FSDP: checkpoints and saved adapters need the sharded parameters gathered first, "
+                             "which is not built yet (docs/DISTRIBUTED.md); train with DDP "
+                             "(docs/accelerate/ddp.yaml), or without TrainConfig.out_dir")
 
     def _setup_model(self) -> None:
         self.model.to(self.device)
@@ -274,10 +281,7 @@ class Trainer:
     def _setup_forward(self) -> None:
         self.ddp_model = self.accelerator.prepare_model(self.model)
         self.fsdp = is_fsdp(self.ddp_model)
-        if self.fsdp and self.out_dir is not None:
-            raise UsageError("FSDP: checkpoints and saved adapters need the sharded parameters gathered first, "
-                             "which is not built yet (docs/DISTRIBUTED.md); train with DDP "
-                             "(docs/accelerate/ddp.yaml), or without TrainConfig.out_dir")
+        self._refuse_fsdp_out_dir(self.fsdp)
         if self.world > 1 and self.is_main:
             logger.info("DDP over %d processes (%s), find_unused_parameters=%s", self.world,
                         self.accelerator.distributed_type,

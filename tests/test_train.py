@@ -491,6 +491,25 @@ def test_fsdp_refuses_checkpoints(tmp_path):
     assert not (tmp_path / "run").exists()
 
 
+def test_fsdp_accelerator_refuses_checkpoints_before_wrapping(tmp_path):
+    """An accelerator configured for FSDP (accelerate launch --config_file fsdp.yaml) and an
+    out_dir: the UsageError comes before the model is touched (prepare_model never runs)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DistributedType
+
+    import hylorada.train as tr
+
+    class FSDPAccelerator(Accelerator):
+        distributed_type = property(lambda self: DistributedType.FSDP)
+
+        def prepare_model(self, *a, **k):
+            raise AssertionError("wrapped before the refusal")
+
+    with pytest.raises(tr.UsageError, match="FSDP"):
+        train(make_model(), make_blocks(8, 16), None, cfg(out_dir=str(tmp_path / "run"), steps=1, batch_size=2),
+              accelerator=FSDPAccelerator(cpu=True))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_bf16_autocast_and_resume(tmp_path):
     """On CUDA, mixed_precision='auto' trains under bf16 autocast (fp32 adapters) and resumes exactly."""
