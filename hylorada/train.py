@@ -19,6 +19,9 @@ Batch-size convention: ``batch_size`` is the GLOBAL micro-batch (blocks per forw
 all processes), the global batch per optimizer step is ``batch_size * grad_accum`` blocks, and
 neither depends on the number of processes (each process gets ``batch_size / world_size`` blocks
 per micro-batch; uneven splits are allowed, ``batch_size >= world_size`` is required).
+The processes are DDP's (accelerate's prepare_model), or FSDP1's when accelerate is configured
+for it: then the clip norm is FSDP's global one, every rank evaluates every batch through the
+wrapped model, and out_dir is refused (docs/DISTRIBUTED.md "FSDP in the trainer").
 """
 from __future__ import annotations
 
