@@ -61,12 +61,19 @@ def corpus_path(root: Path) -> Path:
     return folder
 
 
-def run_cli(launcher: str, root: Path, out: Path, args=None) -> str:
-    model_dir, corpus = root / "tiny-model", corpus_path(root)
+def launch_env(root: Path) -> dict[str, str]:
+    """The environment of every launched command: one thread per process, the cache under `root`,
+    the repository and tests/ importable, the GPUs hidden unless ON_GPUS."""
     env = dict(os.environ, OMP_NUM_THREADS="1", HYLORADA_CACHE=str(root / "cache"),
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), os.environ.get("PYTHONPATH", "")]))
+               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
     if not ON_GPUS:
         env["CUDA_VISIBLE_DEVICES"] = ""
+    return env
+
+
+def run_cli(launcher: str, root: Path, out: Path, args=None) -> str:
+    model_dir, corpus = root / "tiny-model", corpus_path(root)
+    env = launch_env(root)
     if args is None:
         args = [*ARGS, *(["--compile", "no"] if ON_GPUS else []), "--data", str(corpus)]
     cmd = LAUNCHERS[launcher] + ["-m", "hylorada.cli", *args, "--model", str(model_dir), "--out", str(out)]
@@ -177,10 +184,7 @@ def test_two_process_benchmark_cells_equal_one_process(reference):
     recovered frontier point; dropout 0) under torchrun: each cell's losses and perplexities are
     those of one process, and the same files are written (by the main process)."""
     root, _ = reference
-    env = dict(os.environ, OMP_NUM_THREADS="1", HYLORADA_CACHE=str(root / "cache"),
-               PYTHONPATH=os.pathsep.join([str(HERE.parent), str(HERE), os.environ.get("PYTHONPATH", "")]))
-    if not ON_GPUS:
-        env["CUDA_VISIBLE_DEVICES"] = ""
+    env = launch_env(root)
     outs = {n: root / f"bench-{n}" for n in ("one", "torchrun")}
     for n, out in outs.items():
         cmd = LAUNCHERS[n] + [str(HERE / "dist_bench_worker.py"), "tiny-model", str(corpus_path(root)), str(out),
