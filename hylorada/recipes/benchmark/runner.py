@@ -305,8 +305,8 @@ def run_benchmark(cfg: BenchConfig, out_dir: str | os.PathLike | None = None, *,
     if todo:
         runner = cell_runner if cell_runner is not None else CellRunner(cfg, progress=progress)
         for _ in _run_cells(todo, runner, out, results, cfg.device, command, progress, main):
-            # the tables after every cell (plots at the end), so an interrupted run has them
-            write_report(cfg, out, cells, results, rows, budget, command, plots=False, write=main)
+            if main:  # the tables after every cell (plots at the end), so an interrupted run has them
+                write_report(cfg, out, cells, results, rows, budget, command, plots=False)
     return write_report(cfg, out, cells, results, rows, budget, command, plots=plots, write=main)
 
 
