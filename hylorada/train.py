@@ -49,7 +49,7 @@ __all__ = ["COMPILE", "MIXED_PRECISION", "SCHEDULES", "NonFiniteLossError", "Tra
 from .errors import UsageError
 from .losses import causal_lm_loss_sum, count_targets, logits_of, step_loss_sum
 from .optim import base_group, build_optimizer, build_scheduler, clear_grads, freeze_base
-from .nn.compile import compile_forward
+from .nn.compile import compile_forward, is_fsdp
 
 logger = logging.getLogger(__name__)
 
@@ -148,13 +148,6 @@ def _probe_unused(model: nn.Module, blocks: dict[str, torch.Tensor], device: tor
     unused = any(p.grad is None for p in trainable)
     clear_grads(trainable)
     return unused
-
-
-def is_fsdp(module: nn.Module) -> bool:
-    """True for a module wrapped by torch's FullyShardedDataParallel (accelerate's FSDP1)."""
-    from torch.distributed.fsdp import FullyShardedDataParallel
-
-    return isinstance(module, FullyShardedDataParallel)
 
 
 def _accelerator(accelerator, config: TrainConfig, model: nn.Module, blocks: dict[str, torch.Tensor],

@@ -30,6 +30,14 @@ logger = logging.getLogger(__name__)
 SCOPES = ("blocks", "model")
 
 
+def is_fsdp(model: nn.Module) -> bool:
+    """True when `model` or a module inside it is wrapped by torch's FullyShardedDataParallel
+    (accelerate's FSDP1): its parameters are then flat shards outside the units' forwards."""
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
+
+
 def has_repeated_blocks(model: nn.Module) -> bool:
     """True when some nn.ModuleList holds >= 2 modules, all of one class."""
     return any(_is_repeated(m) for m in model.modules())
@@ -55,10 +63,7 @@ def compile_forward(model: nn.Module, scope: str = "model", **compile_kwargs) ->
     if scope not in SCOPES:
         raise ValueError(f"scope must be one of {SCOPES}, got {scope!r}")
     if scope == "blocks":
-        from torch.distributed.fsdp import FullyShardedDataParallel
-
-        fsdp = any(isinstance(m, FullyShardedDataParallel) for m in model.modules())
-        why = ("it is wrapped by FSDP" if fsdp else "it has no repeated blocks" if not has_repeated_blocks(model)
+        why = ("it is wrapped by FSDP" if is_fsdp(model) else "it has no repeated blocks" if not has_repeated_blocks(model)
                else "its blocks differ in shape (e.g. ranks per layer)" if not blocks_alike(model) else None)
         if why is None:
             return _regional(model, compile_kwargs)
