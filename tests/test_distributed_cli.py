@@ -182,7 +182,8 @@ def test_two_process_compress_recovery_equals_one_process(reference):
 def test_two_process_benchmark_cells_equal_one_process(reference):
     """`run_benchmark` (tests/dist_bench_worker.py: the base cell, a HyLoRADA row, a compressed and
     recovered frontier point; dropout 0) under torchrun: each cell's losses and perplexities are
-    those of one process, and the same files are written (by the main process)."""
+    those of one process, the same files are written, and the progress is printed once (by the
+    main process)."""
     root, _ = reference
     env = launch_env(root)
     outs = {n: root / f"bench-{n}" for n in ("one", "torchrun")}
@@ -191,6 +192,7 @@ def test_two_process_benchmark_cells_equal_one_process(reference):
                              "cuda" if ON_GPUS else "cpu"]
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=root)
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        assert proc.stdout.count("matched budgets") == 1, n  # only the main process prints (and writes)
     assert files_under(outs["torchrun"]) == files_under(outs["one"])
     one, two = (json.loads((o / "results.json").read_text())["cells"] for o in outs.values())
     assert sorted(one) == sorted(two) == ["adapt-hylorada-s0", "base", "frontier-whiten-0.4-rec"]
