@@ -103,6 +103,8 @@ class HyLoRADAConfig:
             _fail("lora_rank", self.lora_rank, "a positive integer (<= min(d_in, d_out) of every target)")
         if not _finite(self.lora_alpha) or self.lora_alpha <= 0:
             _fail("lora_alpha", self.lora_alpha, "a finite number > 0")
+        if self.scaling <= 0:  # a subnormal alpha: alpha / r underflows and the adapter would do nothing
+            _fail("lora_alpha", self.lora_alpha, f"a number > 0 whose scale alpha/r (r={self.lora_rank}) is > 0")
         if not _finite(self.lora_dropout) or not 0.0 <= self.lora_dropout < 1.0:
             _fail("lora_dropout", self.lora_dropout, "a number in [0, 1)")
         if not _finite(self.lora_plus_ratio) or self.lora_plus_ratio <= 0:

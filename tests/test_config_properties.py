@@ -194,6 +194,7 @@ def test_every_field_with_every_edge_value(cls):
 @pytest.mark.parametrize("cls,values,field", [
     (HyLoRADAConfig, {"lora_rank": 0}, "lora_rank"),
     (HyLoRADAConfig, {"lora_dropout": 1.0}, "lora_dropout"),
+    (HyLoRADAConfig, {"lora_alpha": 5e-324}, "lora_alpha"),  # found by hypothesis: alpha/r underflows to 0
     (CompressConfig, {"ratio": 1.0}, "ratio"),
     (TrainConfig, {"batch_size": 0}, "batch_size"),
     (TrainConfig, {"lr": float("nan")}, "lr"),
