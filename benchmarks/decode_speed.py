@@ -70,6 +70,9 @@ def decode_row(args, device, mode: str, name: str, batch: int) -> dict:
     peak_reset(device)
     prefill = statistics.median(generate(1)[1] for _ in range(args.decode_reps))
     total = statistics.median(generate(n)[1] for _ in range(args.decode_reps))
+    if total <= prefill:
+        raise RuntimeError(f"t({n}) = {1000 * total:.2f} ms <= t(1) = {1000 * prefill:.2f} ms: timing noise exceeds "
+                           "the decode time; raise --new-tokens or --decode-reps")
     row.update(prefill_ms=1000 * prefill, decode_ms_per_token=1000 * (total - prefill) / (n - 1),
                tokens_per_s=batch * (n - 1) / (total - prefill), total_ms=1000 * total,
                peak_gib=peak_gib(device), graphs=counters["stats"]["unique_graphs"],

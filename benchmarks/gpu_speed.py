@@ -82,8 +82,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if args.smoke:
         args.__dict__.update(shape="tiny", big_shape="tiny", batch=2, seq_len=32, rank=4, steps=2,
-                             warmup=1, calib_blocks=4, prompt_len=16, new_tokens=4, decode_batches="1,2",
-                             decode_reps=1, compile_backend="aot_eager", decode_compile_mode="default")
+                             warmup=1, calib_blocks=4, prompt_len=16, new_tokens=8, decode_batches="1,2",
+                             decode_reps=3, compile_backend="aot_eager", decode_compile_mode="default")
     check_args(args)
     return args
 
