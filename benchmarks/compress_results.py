@@ -41,6 +41,7 @@ from hylorada.utils.env import environment
 from hylorada.compress import CompressConfig, compress_model
 from hylorada.compress.api import find_target_layers
 from hylorada.recipes.compress import recover_compressed
+from hylorada.compress.curvature import collect_output_grams
 from hylorada.compress.whiten import collect_grams
 from hylorada.data import calibration_blocks
 from hylorada.loading import load_model
@@ -314,7 +315,7 @@ def render(args, rows, corpora, seconds: float) -> str:
 def row_settings(row: str, args) -> tuple[dict, str]:
     """(CompressConfig options, recovery loss) of an ablation row: "baseline" (SVD-LLM: uniform
     ranks, dense calibration, no update, LM-loss recovery), "all", or key=value pairs joined by
-    "&" (keys: allocate, calibrate, update, recover_loss) changing the baseline, e.g.
+    "&" (keys: method, allocate, calibrate, update, recover_loss) changing the baseline, e.g.
     "allocate=sensitivity&calibrate=sequential". ("default" is read as "baseline": the rows of
     runs made before allocate="auto" became the library default.)"""
     base = {"allocate": "uniform"}
@@ -342,13 +343,14 @@ def ablation_row(args, dense, tokenizer, calib, blocks, ratio: float, row: str, 
     `have` (the row as already saved) lacks; `saved(out)` is called after every seed."""
     options, loss = row_settings(row, args)
     targets = args.targets.split(",") if args.targets else None
-    cfg = CompressConfig(method="whiten", ratio=ratio, svd_solver=args.solver, seed=args.seed,
-                         target_modules=targets, calib_batch_size=args.calib_batch_size,
-                         sensitivity_blocks=args.sensitivity_blocks, recover_loss=loss,
-                         kd_temperature=args.kd_temperature, **options)
+    cfg = CompressConfig(**{"method": "whiten", "ratio": ratio, "svd_solver": args.solver, "seed": args.seed,
+                            "target_modules": targets, "calib_batch_size": args.calib_batch_size,
+                            "sensitivity_blocks": args.sensitivity_blocks, "recover_loss": loss,
+                            "kd_temperature": args.kd_temperature, **options})
     model = copy.deepcopy(dense)
     t = time.perf_counter()
-    report = compress_model(model, cfg, calibration=calib, progress=args.progress)
+    report = compress_model(model, cfg, calibration=calib, progress=args.progress,
+                            output_grams=_output_grams(dense, cfg, calib))
     out = {"ratio": ratio, "row": row, "options": {**options, "recover_loss": loss},
            "compress_s": time.perf_counter() - t, "timings": report.timings,
            "target_removed": report.target_ratio, "model_removed": report.model_ratio,
@@ -373,6 +375,24 @@ def ablation_row(args, dense, tokenizer, calib, blocks, ratio: float, row: str, 
         saved(out)
         del student
     return out
+
+
+_OUTPUT_GRAMS: dict = {}
+
+
+def _output_grams(dense, cfg: CompressConfig, calib) -> dict | None:
+    """method="fisher": the dense model's output-gradient Grams, collected once per process and
+    reused by every fisher row (they do not depend on the ratio); None otherwise."""
+    if cfg.method != "fisher":
+        return None
+    if id(dense) not in _OUTPUT_GRAMS:
+        t = time.perf_counter()
+        _OUTPUT_GRAMS[id(dense)] = (collect_output_grams(dense, find_target_layers(dense, cfg.target_modules), calib,
+                                                         batch_size=cfg.calib_batch_size, seed=cfg.seed),
+                                    time.perf_counter() - t)
+    grams, seconds = _OUTPUT_GRAMS[id(dense)]
+    print(f"(output-gradient Grams: {seconds:.1f} s, once for every fisher row)", flush=True)
+    return grams
 
 
 def run_ablation(args) -> int:

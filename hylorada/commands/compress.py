@@ -70,7 +70,7 @@ def run(args: argparse.Namespace) -> int:
                                  "--recover-data": (args.recover_data, "train", args.recover_steps > 0)})
     model, tokenizer, load_s = load_for_run(args.model, args.dtype, args.device, {
         "--eval-seq-len": None if args.no_eval else args.eval_seq_len,
-        "--calib-seq-len": args.calib_seq_len if args.method == "whiten" else None,
+        "--calib-seq-len": args.calib_seq_len if args.method in ("whiten", "fisher") else None,
         "--recover-seq-len": args.recover_seq_len if args.recover_steps > 0 else None})
     check_compress_targets(model, config)
     compress_and_save(model, tokenizer, config, CompressSettings(

@@ -1,4 +1,5 @@
-"""Low-rank compression of Hugging Face causal LMs: plain and whitened (SVD-LLM) truncated SVD.
+"""Low-rank compression of Hugging Face causal LMs: plain, whitened (SVD-LLM) and Fisher-weighted
+(K-FAC) truncated SVD.
 
     from hylorada.compress import CompressConfig, compress_model, save_compressed, load_compressed
 
@@ -24,6 +25,7 @@ _LAZY = {
     "whitening_factor": "whiten",
     "whitened_svd": "whiten",
     "collect_grams": "whiten",
+    "collect_output_grams": "curvature",
     "decide_ranks": "ranks",
     "break_even_rank": "ranks",
     "analyze_model": "analyze",

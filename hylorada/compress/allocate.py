@@ -18,6 +18,9 @@ largest layer, max(m + n), unspent).
   policy with budget_energy="relative") at B: σ² per parameter, greedy, which is exact for
   this separable convex objective at the parameter count it spends (a Lagrangian solution,
   Everett 1963).
+  Under method="fisher" the σ_ij are those of R_iᵀ W_i L_i and ½ N Σ_{j>k} σ_ij² is the
+  predicted calibration-loss increase (hylorada/compress/curvature.py): already one unit for
+  every matrix, so e_i(k) = Σ_{j>k} σ_ij² as is ("absolute"), with no normalisation.
 - "sensitivity" (ASVD-style): Δ_i(k) = calibration loss with W_i alone truncated to rank k
   minus the dense loss, measured for a few candidate ranks per matrix
   (`candidate_ranks`); minimise Σ_i Δ̂_i(k_i) under the same budget, Δ̂_i the lower convex
@@ -56,6 +59,9 @@ def resolve_allocate(allocate: str, method: str, policy: str, has_calibration: b
     allocates by the change of the calibration loss itself, not by a proxy of it."""
     if allocate != "auto":
         return allocate, ""
+    if method == "fisher" and policy == "ratio":
+        return "loss", ("allocate='auto' -> 'loss' (method='fisher': the predicted loss increase of every "
+                        "matrix is in the same unit, so one budget is spent where it costs least)")
     if method != "whiten" or policy != "ratio" or not has_calibration:
         return "uniform", "allocate='auto' -> 'uniform' (sensitivity needs method='whiten', a ratio and calibration)"
     if device.type != "cuda":
@@ -76,10 +82,12 @@ def uniform_budget(specs: list[LayerSpec], ratio: float, overrides: dict, force:
 
 
 def allocate_by_loss(specs: list[LayerSpec], ratio: float, spectra: dict[str, torch.Tensor],
-                     overrides: dict, force: bool) -> dict[str, RankDecision]:
-    """Relative truncation loss per parameter under the uniform budget (module docstring)."""
+                     overrides: dict, force: bool, energy: str = "relative") -> dict[str, RankDecision]:
+    """Truncation loss per parameter under the uniform budget (module docstring): relative for
+    SVD-LLM spectra; `energy="absolute"` for method="fisher", whose s² are predicted loss
+    increases (hylorada/compress/curvature.py), comparable across matrices as they are."""
     budget = uniform_budget(specs, ratio, overrides, force)
-    out = decide_ranks(specs, "budget", budget, overrides, spectra, force, "relative")
+    out = decide_ranks(specs, "budget", budget, overrides, spectra, force, energy)
     for d in out.values():
         if d.policy.startswith("budget="):
             d.policy = f"allocate=loss (ratio={ratio} budget {budget:,})"

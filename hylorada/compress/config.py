@@ -12,7 +12,7 @@ from .ranks import POLICIES
 from .svd import SOLVERS
 from .whiten import CALIB_PRECISIONS, WHITEN_METHODS
 
-METHODS = ("svd", "whiten")
+METHODS = ("svd", "whiten", "fisher")
 CALIBRATIONS = ("dense", "sequential")
 UPDATES = ("none", "lstsq")
 BUDGET_ENERGY = ("relative", "absolute")
@@ -62,8 +62,11 @@ def _int_at_least(cfg, name: str, minimum: int, allow_none: bool = False) -> Non
 class CompressConfig:
     """How to compress the target linear layers of a model.
 
-    method: "svd" (plain truncated SVD of W) or "whiten" (SVD-LLM: SVD of W·L with L Lᵀ the
-        calibration inputs' Gram matrix; needs calibration).
+    method: "svd" (plain truncated SVD of W), "whiten" (SVD-LLM: SVD of W·L with L Lᵀ the
+        calibration inputs' Gram matrix; needs calibration) or "fisher" (SVD of Rᵀ·W·L, R Rᵀ
+        the Gram of the loss gradients at the layer's output: the K-FAC second-order loss
+        model, hylorada/compress/curvature.py; one extra backward per calibration batch;
+        calibrate="dense", allocate uniform/loss/auto, update="none").
     Exactly one rank policy (see hylorada.compress.ranks):
         ratio: fraction of each target matrix's parameters REMOVED, in (0, 1); 0.2 keeps 80%,
             k = floor(0.8·m·n/(m+n)) (SVD-LLM's "compression ratio 20%").
@@ -92,11 +95,12 @@ class CompressConfig:
     dtype: storage dtype of the factors (None: each layer's own); compute_dtype: of the SVD and
         whitening (float64 by default).
     allocate: "uniform" (every matrix at the ratio's rank), "loss" (relative whitened truncation
-        loss per parameter) or "sensitivity" (measured calibration-loss change per matrix), the
-        last two under the uniform ratio's parameter budget (hylorada/compress/allocate.py; need
-        the ratio policy); "auto" (default, `allocate.resolve_allocate`): "sensitivity" for
-        method="whiten" with the ratio policy, calibration data and a model on a CUDA device,
-        "uniform" otherwise (on a CPU sensitivity costs ~4 full-model forwards of
+        loss per parameter; under method="fisher" the predicted loss increase itself) or
+        "sensitivity" (measured calibration-loss change per matrix), the last two under the
+        uniform ratio's parameter budget (hylorada/compress/allocate.py; need the ratio policy);
+        "auto" (default, `allocate.resolve_allocate`): "loss" for method="fisher" with the ratio
+        policy, "sensitivity" for method="whiten" with the ratio policy, calibration data and a
+        model on a CUDA device, "uniform" otherwise (on a CPU sensitivity costs ~4 full-model forwards of
         sensitivity_blocks blocks per matrix: hours for a 135M model on 2 cores). The report
         records what it resolved to. sensitivity_blocks: calibration blocks its loss is measured on.
     calibrate: "dense" (every layer's statistics from the dense model) or "sequential" (from the
@@ -108,7 +112,8 @@ class CompressConfig:
     """
 
     method: str = field(default="whiten", metadata={
-        "help": "svd: truncated SVD of W; whiten: SVD of W·L (SVD-LLM; needs calibration)", "choices": METHODS})
+        "help": "svd: truncated SVD of W; whiten: SVD of W·L (SVD-LLM; needs calibration); "
+                "fisher: SVD of Rᵀ·W·L, R from the output gradients (K-FAC loss model)", "choices": METHODS})
     ratio: float | None = field(default=None, metadata={
         "help": "fraction of the target linears' parameters removed, in (0, 1)"})
     energy: float | None = field(default=None, metadata={"help": "share of Σσ² kept per layer, in (0, 1]"})
@@ -241,12 +246,23 @@ class CompressConfig:
         if self.allocate not in ("uniform", "auto") and self.policy != "ratio":
             raise UsageError(f"CompressConfig.allocate={self.allocate!r} shares the budget of the ratio "
                              f"policy: set ratio, not {self.policy}")
+        if self.method == "fisher":
+            self._check_fisher()
         if self.calibrate == "sequential" and self.method != "whiten" and self.update != "lstsq":
             raise UsageError("CompressConfig.calibrate='sequential' changes the whitening and the "
                              "update only: use it with method='whiten' or update='lstsq'")
         _int_at_least(self, "sensitivity_blocks", 1)
         check_loss(self.recover_loss, self.kd_temperature, "CompressConfig.recover_loss",
                    "CompressConfig.kd_temperature")
+
+    def _check_fisher(self) -> None:
+        """method="fisher" optimises the K-FAC loss model with dense statistics: the options that
+        optimise something else (or would need per-layer output statistics streamed) are refused."""
+        for name, allowed in (("calibrate", ("dense",)), ("allocate", ("auto", "uniform", "loss")),
+                              ("update", ("none",))):
+            if getattr(self, name) not in allowed:
+                raise UsageError(f"CompressConfig.{name}={getattr(self, name)!r} does not combine with "
+                                 f"method='fisher': allowed {', '.join(map(repr, allowed))}")
 
     @staticmethod
     def _check_value(policy: str, v, where: str) -> None:
@@ -269,8 +285,13 @@ class CompressConfig:
     def needs_calibration(self) -> bool:
         """Whether compress_model needs calibration token ids: whitening, the least-squares
         update, sensitivity allocation and sequential calibration all read activations."""
-        return (self.method == "whiten" or self.update == "lstsq" or self.allocate == "sensitivity"
+        return (self.whitened or self.update == "lstsq" or self.allocate == "sensitivity"
                 or self.calibrate == "sequential")
+
+    @property
+    def whitened(self) -> bool:
+        """Whether the SVD is of the whitened W·L (method "whiten", or "fisher": Rᵀ·W·L)."""
+        return self.method in ("whiten", "fisher")
 
     @property
     def policy(self) -> str:

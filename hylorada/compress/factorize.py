@@ -39,6 +39,7 @@ from .sequential import GroupStats, forward_groups, stream_stats
 from .svd import factors_from_svd, truncated_svd
 from .targets import find_target_layers, set_module, stored_size
 from .update import lstsq_up, output_error
+from .curvature import collect_output_grams
 from .whiten import Gram, Whitening, collect_grams, whitened_svd, whitening_factor
 
 
@@ -71,7 +72,7 @@ class _Run:
 
 
 def _needs_grams(config: CompressConfig) -> bool:
-    return config.method == "whiten" or config.update == "lstsq"
+    return config.whitened or config.update == "lstsq"
 
 
 def _resolved(config, model: nn.Module, calibration) -> tuple[CompressConfig, str]:
@@ -83,13 +84,13 @@ def _resolved(config, model: nn.Module, calibration) -> tuple[CompressConfig, st
     return (config if allocate == config.allocate else dataclasses.replace(config, allocate=allocate)), why
 
 
-def _check_inputs(config, calibration, grams) -> None:
+def _check_inputs(config, calibration, grams, output_grams=None) -> None:
     if not isinstance(config, CompressConfig):
         raise ValueError(f"config must be a CompressConfig, got {type(config).__name__}")
     if calibration is not None:
         return
     what = {"calibrate": config.calibrate == "sequential", "allocate": config.allocate == "sensitivity",
-            "method": config.method == "whiten" and grams is None,
+            "method": config.whitened and (grams is None or (config.method == "fisher" and output_grams is None)),
             "update": config.update == "lstsq" and grams is None}
     for name, needs in what.items():
         if needs:
@@ -99,7 +100,8 @@ def _check_inputs(config, calibration, grams) -> None:
 
 
 def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
-                   progress: bool = False, grams: dict | None = None) -> CompressReport:
+                   progress: bool = False, grams: dict | None = None,
+                   output_grams: dict | None = None) -> CompressReport:
     """Replace each target Linear/Conv1D of `model` by a FactorizedLinear in place (same
     device; the layer's dtype unless config.dtype) and return the report.
 
@@ -110,10 +112,12 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
     grams: precomputed `collect_grams(model, find_target_layers(model, ...), calibration)`
     (reused across several compressions of the same dense model); replaces the dense
     calibration pass (calibrate="dense" only).
+    output_grams: precomputed `collect_output_grams(...)` (hylorada/compress/curvature.py) for
+    method="fisher", reused the same way.
     """
     t0 = time.perf_counter()
     config, why = _resolved(config, model, calibration)
-    _check_inputs(config, calibration, grams)
+    _check_inputs(config, calibration, grams, output_grams)
     targets = find_target_layers(model, config.target_modules)
     before = stored_size(model)
     specs = {}
@@ -126,7 +130,7 @@ def compress_model(model: nn.Module, config: CompressConfig, calibration=None,
     if config.calibrate == "sequential":
         reports, tokens = _compress_sequential(run, calibration)
     else:
-        reports, tokens = _compress_dense(run, calibration, grams)
+        reports, tokens = _compress_dense(run, calibration, grams, output_grams)
     if run.thin:
         run.notes.append(thin_calibration_note(run.thin, len(targets)))
     after = stored_size(model)
@@ -164,9 +168,9 @@ def _dense_grams(run: _Run, calibration, grams: dict | None) -> tuple[dict[str, 
 
 
 def _whitening(run: _Run, name: str, gram: Gram | None) -> Whitening | None:
-    """L with L Lᵀ = G for method="whiten" (None for "svd" or when no token reached the layer)."""
+    """L with L Lᵀ = G for method="whiten"/"fisher" (None for "svd" or when no token reached the layer)."""
     cfg = run.config
-    if cfg.method != "whiten":
+    if not cfg.whitened:
         return None
     if gram is None or gram.n_tokens == 0:
         run.note_once(name, f"{name}: no calibration tokens reached it; plain SVD used")
@@ -182,26 +186,56 @@ def _record_thin(run: _Run, names, gram: Gram | None) -> None:
             run.thin[name] = (gram.n_tokens, gram.G.shape[0])
 
 
+def _output_grams(run: _Run, calibration, given: dict | None) -> dict[str, Gram]:
+    """F per target for method="fisher" (hylorada/compress/curvature.py); {} otherwise."""
+    cfg = run.config
+    if cfg.method != "fisher":
+        return {}
+    if given is not None:
+        return dict(given)
+    with run.timed("curvature_s"):
+        return collect_output_grams(run.model, run.targets, calibration, batch_size=cfg.calib_batch_size,
+                                    n_blocks=cfg.calib_blocks, seq_len=cfg.calib_seq_len, seed=cfg.seed,
+                                    progress=run.progress)
+
+
 class _DenseWhitenings:
     """Whitening per shared Gram matrix (memoised); a Gram and its factor are freed after the
-    last layer that uses them (a 7B model's float64 Grams alone take ~44 GB)."""
+    last layer that uses them (a 7B model's float64 Grams alone take ~44 GB). With output
+    Grams (method="fisher") each layer's whitening also carries its own output factor R."""
 
-    def __init__(self, run: _Run, grams: dict[str, Gram]):
+    def __init__(self, run: _Run, grams: dict[str, Gram], outputs: dict[str, Gram] | None = None):
         self.run, self.grams, self.factors = run, grams, {}
+        self.outputs, self.left = outputs or {}, {}
         self.uses = Counter(id(grams[n]) for n in run.targets if n in grams)
 
     def get(self, name: str) -> Whitening | None:
         g = self.grams.get(name)
-        if self.run.config.method == "whiten":
+        if self.run.config.whitened:
             _record_thin(self.run, [name], g)
         if g is None or id(g) not in self.factors:
             wh = _whitening(self.run, name, g)
             if g is None:
                 return wh
             self.factors[id(g)] = wh
-        return self.factors[id(g)]
+        return self._with_output(name, self.factors[id(g)])
+
+    def _with_output(self, name: str, wh: Whitening | None) -> Whitening | None:
+        """`wh` with R (R Rᵀ = F, Cholesky with the jitter convention of the inputs' factor)."""
+        cfg = self.run.config
+        if wh is None or cfg.method != "fisher":
+            return wh
+        F = self.outputs.get(name)
+        if F is None or F.n_tokens == 0:
+            self.run.note_once(f"{name}:F", f"{name}: no loss gradient reached its output; whitened SVD used")
+            return wh
+        if name not in self.left:
+            self.left[name] = whitening_factor(F.G.to(cfg.torch_compute_dtype), "cholesky", cfg.jitter)
+        return dataclasses.replace(wh, left=self.left[name])
 
     def release(self, name: str) -> None:
+        self.outputs.pop(name, None)
+        self.left.pop(name, None)
         g = self.grams.pop(name, None)
         if g is not None:
             self.uses[id(g)] -= 1
@@ -219,7 +253,7 @@ def _streamed_pairs(run: _Run, groups: list[list[str]], calibration):
     for stats in stream_stats(run.model, groups, calibration, cfg.calib_batch_size,
                               cfg.calib_blocks, cfg.calib_seq_len):
         wh = _whitening(run, stats.names[0], stats.gram)
-        if cfg.method == "whiten":
+        if cfg.whitened:
             _record_thin(run, stats.names, stats.gram)
         for name in stats.names:
             yield name, wh
@@ -248,7 +282,8 @@ def _decide(run: _Run, pairs, calibration) -> dict[str, RankDecision]:
     spectra = {name: torch.linalg.svdvals(_target_matrix(run, dense_weight(run.targets[name]), wh))
                for name, wh in pairs}
     if cfg.allocate == "loss":
-        return allocate_by_loss(specs, cfg.ratio, spectra, cfg.overrides, cfg.force)
+        return allocate_by_loss(specs, cfg.ratio, spectra, cfg.overrides, cfg.force,
+                                "absolute" if cfg.method == "fisher" else "relative")
     value = resolve_budget(cfg.budget, sum(dense_params(s.m, s.n, s.bias) for s in specs))
     return decide_ranks(specs, "budget", value, cfg.overrides, spectra, cfg.force, cfg.budget_energy)
 
@@ -295,9 +330,9 @@ def _items(run: _Run, names):
     return names
 
 
-def _compress_dense(run: _Run, calibration, grams) -> tuple[list[LayerReport], int]:
+def _compress_dense(run: _Run, calibration, grams, output_grams=None) -> tuple[list[LayerReport], int]:
     grams, tokens = _dense_grams(run, calibration, grams)
-    whitenings = _DenseWhitenings(run, grams)
+    whitenings = _DenseWhitenings(run, grams, _output_grams(run, calibration, output_grams))
     with run.timed("allocation_s"):
         decisions = _decide(run, whitenings.pairs(), calibration)
     reports = []
@@ -328,7 +363,7 @@ def _compress_sequential(run: _Run, calibration) -> tuple[list[LayerReport], int
         tokens = max(tokens, stats.gram.n_tokens)
         with run.timed("factorize_s"):
             wh = _whitening(run, names[0], stats.gram)
-            if run.config.method == "whiten":
+            if run.config.whitened:
                 _record_thin(run, names, stats.gram)
             for name in names:
                 reports[name] = factorize_layer(run, name, decisions.get(name), wh, stats)
@@ -395,7 +430,7 @@ def factorize_layer(run: _Run, name: str, dec: RankDecision | None, wh: Whitenin
                            energy_kept=1.0, dropped_energy=0.0, dense=True, reason=reason)
     unwhiten = None if wh is None else wh.unwhiten
     if svd_once is not None:
-        f = factors_from_svd(*svd_once[:3], k, svd_once[3], cdt, unwhiten)
+        f = factors_from_svd(*svd_once[:3], k, svd_once[3], cdt, unwhiten, None if wh is None else wh.unwhiten_up)
     elif wh is None:
         f = truncated_svd(W, k, cfg.svd_solver, cfg.oversample, cfg.n_iter, cdt, cdt, cfg.seed)
     else:

@@ -125,12 +125,15 @@ def split_factors(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int
 
 
 def factors_from_svd(U: torch.Tensor, S: torch.Tensor, Vh: torch.Tensor, k: int, total: float,
-                     dtype: torch.dtype, unwhiten=None) -> SVDFactors:
+                     dtype: torch.dtype, unwhiten=None, unwhiten_up=None) -> SVDFactors:
     """SVDFactors of rank k from an SVD U S Vh of M (whose ||M||_F² is `total`): up = U_k Σ_k^½,
-    down = Σ_k^½ V_kᵀ, passed through `unwhiten` (M ↦ M L⁻¹) when M was whitened."""
+    down = Σ_k^½ V_kᵀ, passed through `unwhiten` (M ↦ M L⁻¹) when M was whitened, and up
+    through `unwhiten_up` (M ↦ R⁻ᵀ M) when M was also weighted on the output side."""
     up, down = split_factors(U, S, Vh, k)
     if unwhiten is not None:
         down = unwhiten(down)
+    if unwhiten_up is not None:
+        up = unwhiten_up(up)
     return SVDFactors(up.to(dtype), down.to(dtype), S, total)
 
 

@@ -246,10 +246,20 @@ class Whitening:
     rank: int = 0                # columns of L
     Q: torch.Tensor | None = None
     scale: torch.Tensor | None = None
+    left: "Whitening | None" = None  # R (R Rᵀ = F, the output-gradient Gram) for method="fisher"
 
     def whiten(self, W: torch.Tensor) -> torch.Tensor:
-        """W L (m x r), computed in L's dtype."""
-        return W.to(self.L.dtype) @ self.L
+        """W L (m x r), or Rᵀ W L with an output factor R, computed in L's dtype."""
+        M = W.to(self.L.dtype) @ self.L
+        return M if self.left is None else self.left.L.mT.to(M.dtype) @ M
+
+    def unwhiten_up(self, M: torch.Tensor) -> torch.Tensor:
+        """R⁻ᵀ M (m x k) for an output factor R (triangular solve); M itself without one."""
+        if self.left is None:
+            return M
+        if self.left.method != "cholesky":
+            raise ValueError("the output factor R must be a Cholesky factor")
+        return torch.linalg.solve_triangular(self.left.L.mT.to(M.dtype), M, upper=True)
 
     def unwhiten(self, M: torch.Tensor) -> torch.Tensor:
         """M L⁻¹ (k x n) for M (k x r): triangular solve, or M Λ_r^{-½} Q_rᵀ for "eigh"."""
@@ -260,8 +270,10 @@ class Whitening:
 
     def describe(self) -> str:
         if self.method == "cholesky":
-            return "cholesky" if self.jitter == 0 else f"cholesky+jitter({self.jitter:.2e})"
-        return f"eigh(rank {self.rank}/{self.L.shape[0]})"
+            text = "cholesky" if self.jitter == 0 else f"cholesky+jitter({self.jitter:.2e})"
+        else:
+            text = f"eigh(rank {self.rank}/{self.L.shape[0]})"
+        return text if self.left is None else f"{text}; output {self.left.describe()}"
 
 
 def whitening_factor(G: torch.Tensor, method: str = "cholesky", jitter: float = 1e-8,
@@ -316,7 +328,8 @@ def whitened_svd(W: torch.Tensor, whitening: Whitening, k: int, solver: str = "f
                  oversample: int = 10, n_iter: int = 2, dtype: torch.dtype | None = None,
                  seed: int = 0) -> SVDFactors:
     """Rank-k factors minimising the calibration output error: up = U_k Σ_k^½,
-    down = Σ_k^½ V_kᵀ L⁻¹ with W L = U Σ Vᵀ. `s` / `total_energy` are those of W L, so
+    down = Σ_k^½ V_kᵀ L⁻¹ with W L = U Σ Vᵀ (with an output factor R: Rᵀ W L = U Σ Vᵀ and
+    up = R⁻ᵀ U_k Σ_k^½, the K-FAC loss model of hylorada/compress/curvature.py). `s` / `total_energy` are those of W L, so
     `dropped_energy()` is the mean squared output error per calibration token."""
     M = whitening.whiten(W.detach())
     m, r = M.shape
@@ -326,5 +339,6 @@ def whitened_svd(W: torch.Tensor, whitening: Whitening, k: int, solver: str = "f
     if solver == "randomized":
         gen = torch.Generator(device=M.device).manual_seed(seed)
     U, S, Vh = svd(M, k, solver, oversample, n_iter, gen)
-    return factors_from_svd(U, S, Vh, k, float(M.square().sum()), dtype or W.dtype, whitening.unwhiten)
+    return factors_from_svd(U, S, Vh, k, float(M.square().sum()), dtype or W.dtype, whitening.unwhiten,
+                            whitening.unwhiten_up)
 
