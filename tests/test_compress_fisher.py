@@ -161,3 +161,28 @@ def test_fisher_refuses_options_it_does_not_optimise(field, value):
 def test_fisher_needs_calibration():
     with pytest.raises(ValueError, match="method='fisher' needs calibration"):
         compress_model(tiny_llama(), CompressConfig(method="fisher", ratio=0.2))
+
+
+def test_cli_compress_method_fisher_saves_what_it_reports(tiny_assets, tmp_path, capsys):
+    import json
+
+    from hylorada.cli import main
+    from hylorada.loading import load_model
+
+    model_dir, corpus = tiny_assets
+    out = tmp_path / "c"
+    assert main(["compress", "--model", model_dir, "--ratio", "0.3", "--method", "fisher", "--calib", corpus,
+                 "--calib-blocks", "8", "--calib-seq-len", "16", "--no-eval", "--no-progress", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "allocate='auto' -> 'loss'" in printed
+    report = json.loads((out / "results.json").read_text())["report"]
+    assert report["config"]["method"] == "fisher" and report["config"]["allocate"] == "loss"
+    model, _ = load_model(str(out))
+    assert report["model_params_after"] == sum(p.numel() for p in model.parameters())
+    assert all("output cholesky" in r["whitening"] for r in report["layers"] if not r["dense"])
+    # a refused combination stops before any work, in one line
+    assert main(["compress", "--model", model_dir, "--ratio", "0.3", "--method", "fisher", "--update", "lstsq",
+                 "--calib", corpus, "--no-eval", "--out", str(tmp_path / "d")]) != 0
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "update='lstsq' does not combine with method='fisher'" in err[0]
+    assert not (tmp_path / "d").exists()
