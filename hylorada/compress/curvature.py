@@ -26,7 +26,7 @@ from collections.abc import Mapping
 import torch
 from torch import nn
 
-from .whiten import Gram, iter_batches
+from .whiten import Gram, model_batches
 
 
 def sampled_label_loss(logits: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
@@ -88,11 +88,6 @@ def collect_output_grams(model: nn.Module, modules: Mapping[str, nn.Module], cal
     """F = Σ δδᵀ / N for every module in `modules` (module docstring): one forward and one
     backward per calibration batch (eval mode, parameters untouched: the gradient flows from
     the embeddings' output, made a leaf that requires grad)."""
-    device = next(model.parameters()).device
-    batches = list(iter_batches(calibration, batch_size, n_blocks, seq_len))
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="curvature", unit="batch")
     generator = torch.Generator().manual_seed(seed)
     embed = model.get_input_embeddings()
     leaf = embed.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
@@ -103,13 +98,8 @@ def collect_output_grams(model: nn.Module, modules: Mapping[str, nn.Module], cal
     model.eval()
     try:
         with OutputGramCollector(modules) as collector, torch.enable_grad():
-            for ids, mask in batches:
-                ids = ids.to(device)
-                mask = None if mask is None else mask.to(device)
+            for kwargs, mask in model_batches(model, calibration, batch_size, n_blocks, seq_len, progress, "curvature"):
                 collector.set_mask(mask)
-                kwargs = {"input_ids": ids, "use_cache": False}
-                if mask is not None:
-                    kwargs["attention_mask"] = mask
                 logits = model(**kwargs).logits
                 sampled_label_loss(logits, mask, generator).backward()
         return collector.grams()

@@ -210,26 +210,34 @@ def collect_grams(model: nn.Module, modules: Mapping[str, nn.Module], calibratio
                   progress: bool = False, precision: str = "exact") -> dict[str, Gram]:
     """Run `model` over the calibration blocks (eval mode, no cache) and return the input Gram
     of every module in `modules`."""
-    device = next(model.parameters()).device
-    batches: Iterable = list(iter_batches(calibration, batch_size, n_blocks, seq_len))
-    if progress:
-        from tqdm.auto import tqdm
-        batches = tqdm(batches, desc="calibration", unit="batch")
     was_training = model.training
     model.eval()
     try:
         with GramCollector(modules, dtype=dtype, share_inputs=share_inputs, precision=precision) as collector:
-            for ids, mask in batches:
-                ids = ids.to(device)
-                mask = None if mask is None else mask.to(device)
+            for kwargs, mask in model_batches(model, calibration, batch_size, n_blocks, seq_len, progress):
                 collector.set_mask(mask)
-                kwargs = {"input_ids": ids, "use_cache": False}
-                if mask is not None:
-                    kwargs["attention_mask"] = mask
                 model(**kwargs)
         return collector.grams()
     finally:
         model.train(was_training)
+
+
+def model_batches(model: nn.Module, calibration, batch_size: int, n_blocks: int | None = None,
+                  seq_len: int | None = None, progress: bool = False, desc: str = "calibration"
+                  ) -> Iterator[tuple[dict, torch.Tensor | None]]:
+    """(the model's keyword arguments, attention mask | None) per calibration batch
+    (`iter_batches`), on the model's device, without a KV cache."""
+    device = next(model.parameters()).device
+    batches: Iterable = list(iter_batches(calibration, batch_size, n_blocks, seq_len))
+    if progress:
+        from tqdm.auto import tqdm
+        batches = tqdm(batches, desc=desc, unit="batch")
+    for ids, mask in batches:
+        kwargs = {"input_ids": ids.to(device), "use_cache": False}
+        mask = None if mask is None else mask.to(device)
+        if mask is not None:
+            kwargs["attention_mask"] = mask
+        yield kwargs, mask
 
 
 # --------------------------------------------------------------------------------------------
