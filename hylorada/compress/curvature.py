@@ -30,11 +30,12 @@ from .whiten import Gram, model_batches
 
 
 def sampled_label_loss(logits: torch.Tensor, mask: torch.Tensor | None, generator: torch.Generator) -> torch.Tensor:
-    """Σ_t −log p(ŷ_t) over the unmasked positions, ŷ_t ~ softmax(logits_t) (float32)."""
+    """Σ_t −log p(ŷ_t) over the unmasked positions, ŷ_t ~ softmax(logits_t) (float32), sampled on
+    the logits' device (`generator` must be of that device: no copy of the probabilities)."""
     logp = torch.log_softmax(logits.float(), dim=-1)
     with torch.no_grad():
-        flat = logp.detach().exp().reshape(-1, logp.shape[-1]).cpu()
-        y = torch.multinomial(flat, 1, generator=generator).reshape(logp.shape[:-1]).to(logp.device)
+        probs = logp.exp().reshape(-1, logp.shape[-1])
+        y = torch.multinomial(probs, 1, generator=generator).reshape(logp.shape[:-1])
     nll = -logp.gather(-1, y[..., None]).squeeze(-1)
     return nll.sum() if mask is None else (nll * mask.to(nll.dtype)).sum()
 
@@ -88,7 +89,7 @@ def collect_output_grams(model: nn.Module, modules: Mapping[str, nn.Module], cal
     """F = Σ δδᵀ / N for every module in `modules` (module docstring): one forward and one
     backward per calibration batch (eval mode, parameters untouched: the gradient flows from
     the embeddings' output, made a leaf that requires grad)."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = torch.Generator(device=next(model.parameters()).device).manual_seed(seed)
     embed = model.get_input_embeddings()
     leaf = embed.register_forward_hook(lambda m, a, out: out.detach().requires_grad_(True))
     was_training = model.training
